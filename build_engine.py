@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Puts a model into engines/.
+
+  python build_engine.py --demo                          the small embedded demo model, offline
+  python build_engine.py --model PATH --name NAME        a local Hugging Face checkpoint, reference engine
+  python build_engine.py --model PATH --name NAME --backend tensorrt-llm
+                                                         TensorRT-LLM engines for this machine's GPUs
+  python build_engine.py --plan --model llama-3.1-70b-instruct --gpu H100-80GB --gpus 2
+                                                         what would be built, with no GPU needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from service.build import demo, reference, trtllm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="write the demo model to ENGINES_DIR/demo")
+    parser.add_argument("--model", help="local Hugging Face checkpoint folder (or, with --plan, a target model id)")
+    parser.add_argument("--name", help="served model name (the folder under ENGINES_DIR)")
+    parser.add_argument("--engines-dir", type=Path, default=Path("engines"))
+    parser.add_argument("--backend", choices=["reference", "tensorrt-llm", "pytorch"], default="reference",
+                        help="reference: PyTorch engine; tensorrt-llm: build engines (TensorRT-LLM 1.2); "
+                             "pytorch: TensorRT-LLM's PyTorch backend profile (1.3+)")
+    trtllm.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.demo:
+        demo.build_demo(args.engines_dir / "demo")
+        return 0
+    if args.plan or args.backend != "reference":
+        return trtllm.run(args)
+    if not args.model or not args.name:
+        parser.error("--model and --name are required (or --demo)")
+    reference.import_checkpoint(Path(args.model), args.name, args.engines_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

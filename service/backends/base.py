@@ -1,0 +1,195 @@
+"""The engine interface: everything the serving layer knows of a backend.
+
+Both the PyTorch reference engine and the TensorRT-LLM backend implement
+`Engine`. A request goes in as prompt token ids plus sampling parameters and
+comes back as an async stream of events, one stream per request carrying all
+of its n choices. Engines own detokenization and stop strings, because
+TensorRT-LLM does both inside its runtime and the reference engine must match
+it; the serving layer only maps events to RPC chunks.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a choice ended. Tool calls are decided by the serving layer, not the engine."""
+
+    STOP = "stop"            # EOS token or a stop string
+    LENGTH = "length"        # max_tokens, or the context is full
+    CANCELLED = "cancelled"  # aborted by the caller
+    DEADLINE = "deadline"    # the request's deadline passed
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling; every field is already validated and defaulted."""
+
+    max_tokens: int
+    temperature: float = 1.0         # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0                   # 0 is off
+    min_p: float = 0.0               # 0 is off
+    presence_penalty: float = 0.0    # additive, over generated tokens (OpenAI's definition)
+    frequency_penalty: float = 0.0   # additive per occurrence, over generated tokens
+    repetition_penalty: float = 1.0  # multiplicative, over prompt and generated tokens
+    seed: int | None = None          # None: random
+    stop: tuple[str, ...] = ()       # matched on decoded text, excluded from the output
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedDecoding:
+    """Constrained decoding: the output must match this (xgrammar semantics in both engines).
+
+    Exactly one field is set. `json_schema` is JSON text; `json_object` asks for any JSON
+    object; `ebnf` is an xgrammar EBNF grammar (tool calls are compiled to one).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    ebnf: str | None = None
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    n: int = 1                           # choices; they share the prompt's prefill
+    deadline: float | None = None        # time.monotonic() after which the request ends with DEADLINE
+    guided: GuidedDecoding | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopToken:
+    token_id: int
+    token: str          # the token's text (U+FFFD for a partial UTF-8 byte)
+    logprob: float
+    bytes: bytes        # the token's exact bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes
+    top: tuple[TopToken, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New tokens of one choice. `text` may be empty while a UTF-8 character or a
+    possible stop string is held back; it is released (or dropped, for a stop) later."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of one choice; a request's stream ends after every choice's Finished."""
+
+    index: int
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = TokenDelta | Finished
+
+
+class EngineError(RuntimeError):
+    """The engine failed this request (the stream raises it). If `fatal`, the engine is
+    unusable and its health says so."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class QueueFull(RuntimeError):
+    """Admission refused: the waiting queue is at its bound. Raised before any event."""
+
+
+class InvalidRequest(ValueError):
+    """The engine cannot take this request as asked (e.g. a grammar it cannot compile)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int              # sequences being decoded
+    waiting: int              # requests queued for admission
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float = 0.0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileInfo:
+    """What ListModels reports as the profile in use."""
+
+    id: str
+    gpu_architecture: str
+    precision: str
+    tensor_parallel_size: int = 1
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A loaded model that generates. One instance per served model."""
+
+    @property
+    @abc.abstractmethod
+    def profile(self) -> ProfileInfo: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Loads weights and starts the step loop; returns when requests can be submitted."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Submits a request and streams its events.
+
+        Raises QueueFull (or InvalidRequest) on the first `__anext__` when the request is
+        not admitted. Closing the iterator early (`aclose`, or garbage collection of an
+        abandoned stream) aborts the request and frees its KV within one step.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Ends a request now: its choices finish with CANCELLED and its KV is freed."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    def health(self) -> EngineHealth: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stops the step loop; pending requests end with an EngineError."""

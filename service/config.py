@@ -1,0 +1,164 @@
+"""All configuration, in one place.
+
+Every setting is a dataclass field declared once with its default and help;
+the CLI flag (`--grpc-port`) and its environment variable (`LLMSERVE_GRPC_PORT`)
+are derived from the field's name, and the environment supplies the default
+the flag overrides. Lists read comma-separated from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "LLMSERVE_"
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A setting: its default and help text, plus extra argparse options (choices...)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class EngineConfig:
+    """How the reference engine runs and how much memory it may take."""
+
+    device: str = opt("cpu", "torch device of the reference engine: cpu or cuda[:N]")
+    dtype: str = opt("auto", "weight and KV dtype: auto (checkpoint's; float32 on cpu), float32, bfloat16, float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    max_running: int = opt(32, "most sequences decoded together in one step")
+    max_cache_tokens: int = opt(32768, "KV cache size in tokens, over all running sequences")
+    block_size: int = opt(16, "KV cache block size in tokens")
+    max_step_tokens: int = opt(512, "most tokens in one forward step; longer prefills are chunked")
+    max_queue: int = opt(256, "most requests waiting for admission; past it RESOURCE_EXHAUSTED (HTTP 429)")
+    threads: int = opt(0, "torch intra-op threads for the reference engine (0: torch's default)")
+
+
+@dataclass
+class TrtllmConfig:
+    """In-flight batching settings handed to TensorRT-LLM's LLM API."""
+
+    trt_max_batch_size: int = opt(64, "TensorRT-LLM max batch size")
+    trt_max_num_tokens: int = opt(8192, "TensorRT-LLM max tokens per step")
+    trt_kv_cache_fraction: float = opt(0.9, "fraction of free GPU memory TensorRT-LLM gives the KV cache")
+    trt_block_reuse: bool = opt(True, "reuse KV blocks of shared prefixes")
+    trt_chunked_prefill: bool = opt(True, "split long prefills across steps")
+
+
+@dataclass
+class ServerConfig:
+    """The gRPC server, the REST shim and what they accept."""
+
+    engines_dir: Path = opt(Path("engines"), "model repository: one folder per served model")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    grpc_port: int = opt(50051, "gRPC port")
+    http_port: int = opt(8000, "REST shim and /metrics port (0: no HTTP server)")
+    api_key: list[str] = opt([], "accepted API keys (repeatable); none means no authentication")
+    tls_cert: Path | None = opt(None, "server certificate (PEM) for TLS")
+    tls_key: Path | None = opt(None, "server private key (PEM) for TLS")
+    tls_client_ca: Path | None = opt(None, "CA (PEM) that client certificates must chain to: mutual TLS")
+    grace_period: float = opt(30.0, "seconds running streams get to finish after SIGTERM")
+    max_message_bytes: int = opt(4 * 1024 * 1024, "largest request accepted, in bytes")
+    max_messages: int = opt(2048, "most chat messages in one request")
+    max_content_chars: int = opt(1_000_000, "longest content of one message, in characters")
+    clamp_max_tokens: bool = opt(False, "clamp max_tokens to the context left instead of rejecting the request")
+    cors_origin: list[str] = opt([], "origins allowed by CORS on the REST shim (repeatable; * for any)")
+    ignore_unknown_fields: bool = opt(False, "REST: ignore unknown request fields with a warning instead of 400")
+    log_level: str = opt("info", "log level", choices=["debug", "info", "warning", "error"])
+
+
+@dataclass
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    trtllm: TrtllmConfig = field(default_factory=TrtllmConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _base_type(tp: Any) -> Any:
+    """The scalar type of a field annotation: `Path | None` -> Path, `list[str]` -> str."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return typing.get_args(tp)[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+_Section = TypeVar("_Section")
+
+
+def add_section(parser: argparse.ArgumentParser, section: type[Any]) -> None:
+    """Adds one flag per field of a config dataclass, defaulting to its environment variable."""
+    group = parser.add_argument_group(section.__name__, section.__doc__)
+    hints = typing.get_type_hints(section)
+    for f in dataclasses.fields(section):
+        tp = hints[f.name]
+        scalar = _base_type(tp)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        env = os.environ.get(_env(f.name))
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help')} (env {_env(f.name)}; default: %(default)s)"
+        if typing.get_origin(tp) is list:
+            if env is not None:
+                default = [v for v in env.split(",") if v]
+            group.add_argument(_flag(f.name), dest=f.name, type=scalar, action="append", default=None,
+                               help=help_text, **meta)
+            group.set_defaults(**{f"_default_{f.name}": default})
+            continue
+        if scalar is bool:
+            if env is not None:
+                default = _parse_bool(env)
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=help_text)
+            continue
+        if env is not None:
+            default = scalar(env)
+        group.add_argument(_flag(f.name), dest=f.name, type=scalar, default=default, help=help_text, **meta)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    for section in (ServerConfig, EngineConfig, TrtllmConfig):
+        add_section(parser, section)
+
+
+def section_from_args(section: type[_Section], args: argparse.Namespace) -> _Section:
+    values = {}
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(args, f.name)
+        if value is None and hasattr(args, f"_default_{f.name}"):
+            value = getattr(args, f"_default_{f.name}")
+        values[f.name] = value
+    return section(**values)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        engine=section_from_args(EngineConfig, args),
+        trtllm=section_from_args(TrtllmConfig, args),
+        server=section_from_args(ServerConfig, args),
+    )
