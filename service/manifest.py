@@ -76,7 +76,7 @@ class ModelManifest:
 
 def _require(data: dict[str, Any], key: str, kind: type, where: Path) -> Any:
     value = data.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ManifestError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
     return value
 

@@ -103,6 +103,7 @@ class Finished:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    queue_time: float = 0.0   # seconds from submission until the request's prefill was scheduled
 
 
 Event = TokenDelta | Finished

@@ -1,0 +1,27 @@
+"""`llmserve`: serve, and the tools around serving."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from service.config import add_config_arguments, config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmserve", description="Chat completions for Llama-family models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve gRPC (and the REST shim and /metrics) on the engines directory",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(serve)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from service.server import serve as run_server
+
+        return asyncio.run(run_server(config_from_args(args)))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The server's lifecycle: bind, load and warm up, serve, drain.
+
+Ports are bound before the models load, so health checks answer NOT_SERVING
+during a long load instead of connection refused; SIGTERM flips health to
+NOT_SERVING, refuses new work with UNAVAILABLE, lets running streams finish
+within the grace period, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from service import rest
+from service.chat import ChatCompletions
+from service.config import Config
+from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
+from service.logs import setup_logging
+from service.metrics import register_engine_gauges
+from service.models import ModelRegistry
+from service.servicer import ChatServicer, Phase, ServingState
+
+log = logging.getLogger(__name__)
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+_HEALTH = {Phase.LOADING: health_pb2.HealthCheckResponse.NOT_SERVING,
+           Phase.SERVING: health_pb2.HealthCheckResponse.SERVING,
+           Phase.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING}
+
+
+def _credentials(config: Config) -> grpc.ServerCredentials | None:
+    s = config.server
+    if not s.tls_cert:
+        return None
+    if not s.tls_key:
+        raise SystemExit("--tls-cert needs --tls-key")
+    client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+    return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+class LlmServer:
+    def __init__(self, config: Config, registry: ModelRegistry | None = None) -> None:
+        self.config = config
+        self.state = ServingState()
+        self.registry = registry or ModelRegistry(config)
+        self.completions = ChatCompletions(self.registry, config.server)
+        self.health = HealthServicer()
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.server.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(self.completions, self.registry, self.state, config.server), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            [CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._grpc)
+        address = f"{config.server.host}:{config.server.grpc_port}"
+        credentials = _credentials(config)
+        self.grpc_port = (self._grpc.add_secure_port(address, credentials) if credentials
+                          else self._grpc.add_insecure_port(address))
+        self._http: rest.HttpServer | None = None
+
+    async def _set_phase(self, phase: Phase) -> None:
+        self.state.phase = phase
+        for service in ("", CHAT_SERVICE):
+            await self.health.set(service, _HEALTH[phase])
+
+    async def start(self) -> None:
+        await self._set_phase(Phase.LOADING)
+        await self._grpc.start()
+        if self.config.server.http_port:
+            self._http = rest.HttpServer(self.config, self.completions, self.registry, self.state)
+            await self._http.start()
+        log.info("listening", extra={"grpc": self.grpc_port, "http": self.config.server.http_port})
+        await self.registry.load()
+        register_engine_gauges(lambda: [(m.name, m.engine.stats()) for m in self.registry])
+        await self._set_phase(Phase.SERVING)
+        log.info("serving", extra={"models": self.registry.names})
+
+    async def shutdown(self) -> None:
+        """Drains: running calls get the grace period to finish, then everything stops."""
+        await self._set_phase(Phase.DRAINING)
+        grace = self.config.server.grace_period
+        deadline = time.monotonic() + grace
+        while self.state.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained", extra={"unfinished": self.state.in_flight})
+        await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self._http:
+            await self._http.stop()
+        await self.registry.shutdown()
+
+
+async def serve(config: Config) -> int:
+    setup_logging(config.server.log_level)
+    server = LlmServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.create_task(server.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        loading.result()
+        await stopped
+    else:
+        loading.cancel()
+    log.info("shutting down", extra={"grace_period": config.server.grace_period})
+    await server.shutdown()
+    return 0
