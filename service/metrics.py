@@ -57,27 +57,32 @@ class RequestTimer:
                 QUEUE.labels(self._model).observe(event.queue_time)
 
 
-class EngineGauges(Collector):
-    """num_requests_running/waiting and kv_cache_usage_perc, read from the engines when scraped."""
+StatsSource = Callable[[], Iterable[tuple[str, EngineStats]]]
 
-    def __init__(self, stats: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
-        self._stats = stats
+
+class EngineGauges(Collector):
+    """num_requests_running/waiting and kv_cache_usage_perc, read from the engines when scraped.
+
+    Registered once per process; each running server adds its engines as a source.
+    """
+
+    def __init__(self) -> None:
+        self.sources: list[StatsSource] = []
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         running = GaugeMetricFamily("vllm:num_requests_running", "Sequences being decoded.", labels=["model_name"])
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting.", labels=["model_name"])
         kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage, 1 is full.", labels=["model_name"])
-        for model, s in self._stats():
-            running.add_metric([model], s.running)
-            waiting.add_metric([model], s.waiting)
-            kv.add_metric([model], s.kv_usage)
+        for source in self.sources:
+            for model, s in source():
+                running.add_metric([model], s.running)
+                waiting.add_metric([model], s.waiting)
+                kv.add_metric([model], s.kv_usage)
         yield from (running, waiting, kv)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
 
 
-def register_engine_gauges(stats: Callable[[], Iterable[tuple[str, EngineStats]]]) -> EngineGauges:
-    collector = EngineGauges(stats)
-    REGISTRY.register(collector)
-    return collector
+ENGINE_GAUGES = EngineGauges()
+REGISTRY.register(ENGINE_GAUGES)

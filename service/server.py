@@ -19,11 +19,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from service import rest
+from service.backends.base import EngineStats
 from service.chat import ChatCompletions
 from service.config import Config
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.logs import setup_logging
-from service.metrics import register_engine_gauges
+from service.metrics import ENGINE_GAUGES
 from service.models import ModelRegistry
 from service.servicer import ChatServicer, Phase, ServingState
 
@@ -69,6 +70,9 @@ class LlmServer:
                           else self._grpc.add_insecure_port(address))
         self._http: rest.HttpServer | None = None
 
+    def _engine_stats(self) -> list[tuple[str, EngineStats]]:
+        return [(m.name, m.engine.stats()) for m in self.registry]
+
     async def _set_phase(self, phase: Phase) -> None:
         self.state.phase = phase
         for service in ("", CHAT_SERVICE):
@@ -82,7 +86,7 @@ class LlmServer:
             await self._http.start()
         log.info("listening", extra={"grpc": self.grpc_port, "http": self.config.server.http_port})
         await self.registry.load()
-        register_engine_gauges(lambda: [(m.name, m.engine.stats()) for m in self.registry])
+        ENGINE_GAUGES.sources.append(self._engine_stats)
         await self._set_phase(Phase.SERVING)
         log.info("serving", extra={"models": self.registry.names})
 
@@ -97,6 +101,8 @@ class LlmServer:
         await self._grpc.stop(max(0.0, deadline - time.monotonic()))
         if self._http:
             await self._http.stop()
+        if self._engine_stats in ENGINE_GAUGES.sources:
+            ENGINE_GAUGES.sources.remove(self._engine_stats)
         await self.registry.shutdown()
 
 
