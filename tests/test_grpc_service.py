@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import EngineConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
@@ -169,11 +170,15 @@ async def test_health_and_metrics(server: object, channel: grpc.aio.Channel) -> 
     await chat_pb2_grpc.ChatServiceStub(channel).CreateChatCompletion(chat(max_tokens=2))
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{server.config.server.http_port}/metrics")).text  # type: ignore[attr-defined]
-    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_count",
-                 "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total",
-                 "vllm:request_success_total", "vllm:inter_token_latency_seconds_count",
-                 "vllm:request_queue_time_seconds_count", "vllm:prompt_tokens_total"):
-        assert f'{name}{{model_name="demo"' in text, name
+    samples = {(s.name, s.labels.get("model_name")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:inter_token_latency_seconds_count", "vllm:request_queue_time_seconds_count",
+                 "vllm:generation_tokens_total", "vllm:prompt_tokens_total"):
+        assert samples[(name, "demo")] > 0, name
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert (name, "demo") in samples, name
+    assert any(n == "vllm:request_success_total" and v > 0 for (n, _), v in samples.items())
 
 
 async def test_health_is_not_serving_while_loading(engines_dir) -> None:
@@ -254,6 +259,11 @@ async def test_sigterm_drains_streams_and_exits_zero(server_process) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.CreateChatCompletion(chat(max_tokens=1), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        lasts = [(await collect(call))[-1] for call in calls]
+        lasts = []
+        for call in calls:
+            chunks = []
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                chunks.append(chunk)
+            lasts.append(chunks[-1])
     assert [last.usage.completion_tokens for last in lasts] == [64] * 24
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0

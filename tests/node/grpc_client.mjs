@@ -31,7 +31,7 @@ const invalid = () => new Promise((resolve) =>
 const reply = await unary();
 const chunks = await stream();
 const err = await invalid();
-const text = chunks.flatMap((c) => c.choices).map((c) => c.delta?.content ?? "").join("");
+const text = chunks.flatMap((c) => c.choices ?? []).map((c) => c.delta?.content ?? "").join("");
 console.log(JSON.stringify({
   unary_text: reply.choices[0].message.content,
   unary_finish: reply.choices[0].finish_reason,

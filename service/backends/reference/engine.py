@@ -1,0 +1,202 @@
+"""The reference engine behind the async Engine interface.
+
+The model steps in one dedicated thread (torch releases the GIL in its
+kernels, so the event loop keeps serving RPCs meanwhile). Requests and aborts
+reach that thread through a queue between steps; each step's events come back
+to the event loop in a single call_soon_threadsafe, and are fanned out to the
+per-request queues that `generate` streams from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from service.backends.base import (
+    Engine,
+    EngineError,
+    EngineHealth,
+    EngineStats,
+    Event,
+    Finished,
+    GenerationRequest,
+    ProfileInfo,
+    QueueFull,
+)
+from service.backends.reference.llm_engine import Emitted, LLMEngine, StepFailed
+from service.config import EngineConfig
+from service.manifest import ModelManifest
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class ReferenceEngine(Engine):
+    def __init__(self, manifest: ModelManifest, config: EngineConfig) -> None:
+        self._manifest = manifest
+        self._config = config
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(manifest.checkpoint)
+        self._core: LLMEngine | None = None
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[list[Event] | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # The waiting queue's length is (submitted - applied) + the scheduler's waiting groups; each counter
+        # has a single writer (the event loop, the engine thread), so reading them needs no lock.
+        self._submitted = 0
+        self._applied = 0
+        self._health = EngineHealth(False, "not started")
+        self._profile: ProfileInfo | None = None
+
+    @property
+    def profile(self) -> ProfileInfo:
+        assert self._profile is not None, "start() first"
+        return self._profile
+
+    @property
+    def core(self) -> LLMEngine:
+        assert self._core is not None, "start() first"
+        return self._core
+
+    async def start(self) -> None:
+        if self._config.threads:
+            torch.set_num_threads(self._config.threads)
+        self._loop = asyncio.get_running_loop()
+        self._core = await asyncio.to_thread(LLMEngine, self._manifest.checkpoint, self.tokenizer, self._config)
+        device = self._core.device
+        arch = "cpu"
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = f"sm{major}{minor}"
+        precision = str(self._core.dtype).removeprefix("torch.")
+        self._profile = ProfileInfo(f"reference-{arch}-{precision}", arch, precision)
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self._manifest.name}", daemon=True)
+        self._thread.start()
+        self._health = EngineHealth(True)
+
+    # -- the engine thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.core
+        failures = 0
+        while True:
+            out: Emitted = []
+            try:
+                command = self._commands.get(block=not core.has_work(), timeout=None)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command is _STOP:
+                    self._fail_all(EngineError("the engine shut down"))
+                    return
+                out += self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            out += core.expire(time.monotonic())
+            try:
+                out += core.step()
+                failures = 0
+            except StepFailed as e:
+                failures += 1
+                log.exception("engine step failed", extra={"requests": sorted(e.request_ids)})
+                core.fail(e.request_ids)
+                self._post([(rid, e) for rid in e.request_ids])
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._health = EngineHealth(False, f"{failures} consecutive step failures: {e}")
+                    self._fail_all(EngineError(str(e), fatal=True))
+                    return
+            if out:
+                self._post(out)
+
+    def _apply(self, command: tuple[str, Any]) -> Emitted:
+        kind, arg = command
+        if kind == "add":
+            self._applied += 1
+            return self.core.add(arg)
+        return self.core.abort(arg)
+
+    def _post(self, events: list[tuple[str, Event | BaseException]]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._dispatch, events)
+
+    def _fail_all(self, error: EngineError) -> None:
+        self._post([(rid, error) for rid in list(self._streams)])
+
+    # -- the event loop side -----------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[tuple[str, Event | BaseException]]) -> None:
+        batches: dict[str, list[Event]] = {}
+        for request_id, event in events:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(event, BaseException):
+                stream.put_nowait(event)
+            else:
+                batches.setdefault(request_id, []).append(event)
+        for request_id, batch in batches.items():
+            self._streams[request_id].put_nowait(batch)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if not self._health.ok:
+            raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
+        self.core.check(request)
+        waiting = self._waiting()
+        if waiting >= self._config.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._config.max_queue})")
+        self._submitted += 1
+        if request.request_id in self._streams:
+            request.request_id = f"{request.request_id}-{id(request):x}"
+        stream: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        self._commands.put(("add", request))
+        finished = 0
+        try:
+            while finished < request.n:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for event in item:
+                    if isinstance(event, Finished):
+                        finished += 1
+                    yield event
+        finally:
+            del self._streams[request.request_id]
+            if finished < request.n and self._thread and self._thread.is_alive():
+                self._commands.put(("abort", request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def _waiting(self) -> int:
+        return self._submitted - self._applied + len(self.core.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        core = self._core
+        if core is None:
+            return EngineStats(0, 0, 0, 0)
+        blocks = core.scheduler.blocks
+        return EngineStats(len(core.scheduler.running), self._waiting(), blocks.used, blocks.num_blocks)
+
+    def health(self) -> EngineHealth:
+        return self._health
+
+    async def shutdown(self) -> None:
+        if self._thread and self._thread.is_alive():
+            self._commands.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 30)
+        self._health = EngineHealth(False, "shut down")

@@ -1,0 +1,211 @@
+"""The Llama architecture over a paged KV cache, in one readable file.
+
+Covers the target families: Llama 2 and CodeLlama (plain RoPE, any rope_theta),
+Llama 3.1 and Nemotron (llama3 RoPE scaling), grouped-query attention. Weights
+load from a Hugging Face safetensors checkpoint; q/k/v and gate/up are fused
+at load so each layer runs three matmuls fewer per step.
+
+A step's tokens are flat ([T]): decode tokens of many sequences and prefill
+chunks side by side. Every token's K and V are written to its cache slot;
+attention then reads each sequence's whole context back through its slot
+table, decode sequences batched together, prefill chunks one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_checkpoint(cls, path: Path) -> LlamaConfig:
+        c = json.loads((path / "config.json").read_text())
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=c.get("rope_theta", 10000.0), rope_scaling=c.get("rope_scaling"),
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+        )
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3.1's long-context scaling when the checkpoint asks for it."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv_freq = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported")
+    return inv_freq.float()
+
+
+@dataclass
+class AttentionBatch:
+    """Where a step's tokens go in the cache and which context each sequence attends to."""
+
+    slots: torch.Tensor                  # [T] cache slot of each token's K/V
+    decode_rows: torch.Tensor | None     # [D] positions in the flat tokens of the decode tokens
+    decode_context: torch.Tensor | None  # [D, L] cache slots of each decode sequence's context (padded)
+    decode_mask: torch.Tensor | None     # [D, 1, 1, L] True where the context is real
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, rows, context slots [L], start position)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in Hugging Face's half-split layout (its checkpoints' q/k weights are permuted for it)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=False)
+        self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = rotate(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = rotate(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        k_cache[batch.slots] = k
+        v_cache[batch.slots] = v.view(t, self.kv_heads, self.head_dim)
+        out = torch.empty_like(q)
+        if batch.decode_rows is not None:
+            qd = q[batch.decode_rows].unsqueeze(2)                              # [D, H, 1, hd]
+            kd = k_cache[batch.decode_context].transpose(1, 2)                  # [D, KVH, L, hd]
+            vd = v_cache[batch.decode_context].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
+            out[batch.decode_rows] = od.squeeze(2)
+        for first, rows, context, start in batch.prefills:
+            qp = q[first:first + rows].transpose(0, 1).unsqueeze(0)            # [1, H, Q, hd]
+            kp = k_cache[context].transpose(0, 1).unsqueeze(0)                  # [1, KVH, L, hd]
+            vp = v_cache[context].transpose(0, 1).unsqueeze(0)
+            if start == 0:
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            else:  # a later chunk: its queries see the earlier chunks and, causally, themselves
+                mask = torch.ones(rows, context.shape[0], dtype=torch.bool, device=x.device).tril(start)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+            out[first:first + rows] = op.squeeze(0).transpose(0, 1)
+        return self.o(out.view(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig) -> None:
+        super().__init__()
+        self.inter = c.intermediate_size
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), rope_frequencies(config))
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                batch: AttentionBatch, logit_rows: torch.Tensor) -> torch.Tensor:
+        """Runs a step and returns float32 logits of the rows in logit_rows only."""
+        x = self.embed(tokens)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, k_cache, v_cache, batch)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return self.lm_head(self.norm(x[logit_rows])).float()
+
+
+def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> Llama:
+    """Builds the model from Hugging Face safetensors, fusing q/k/v and gate/up."""
+    config = LlamaConfig.from_checkpoint(checkpoint)
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    with torch.device("meta"):
+        model = Llama(config)
+    state = {"embed.weight": weights["model.embed_tokens.weight"], "norm.weight": weights["model.norm.weight"]}
+    state["lm_head.weight"] = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        state |= {
+            f"layers.{i}.attn_norm.weight": weights[p + "input_layernorm.weight"],
+            f"layers.{i}.mlp_norm.weight": weights[p + "post_attention_layernorm.weight"],
+            f"layers.{i}.attn.qkv.weight": torch.cat([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+            f"layers.{i}.attn.o.weight": weights[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.mlp.gate_up.weight": torch.cat([weights[p + "mlp.gate_proj.weight"],
+                                                          weights[p + "mlp.up_proj.weight"]]),
+            f"layers.{i}.mlp.down.weight": weights[p + "mlp.down_proj.weight"],
+        }
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), rope_frequencies(config))
+    model.cos, model.sin = freqs.cos(), freqs.sin()
+    return model.to(device).eval()
