@@ -92,8 +92,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,12 +112,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                     self.kv_heads * self.head_dim], dim=-1)
-        q = rotate(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = rotate(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        qkv = self.qkv(x).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk = rotate(qkv[:, :self.heads + self.kv_heads], cos, sin)  # q and k heads rotated in one pass
+        q, k = qk[:, :self.heads], qk[:, self.heads:]
         k_cache[batch.slots] = k
-        v_cache[batch.slots] = v.view(t, self.kv_heads, self.head_dim)
+        v_cache[batch.slots] = qkv[:, self.heads + self.kv_heads:]
+        if batch.decode_rows is not None and not batch.prefills:  # pure decode: no scatter back needed
+            kd = k_cache[batch.decode_context].transpose(1, 2)                  # [D, KVH, L, hd]
+            vd = v_cache[batch.decode_context].transpose(1, 2)
+            od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
+            return self.o(od.reshape(t, -1))
         out = torch.empty_like(q)
         if batch.decode_rows is not None:
             qd = q[batch.decode_rows].unsqueeze(2)                              # [D, H, 1, hd]
