@@ -105,6 +105,14 @@ class ReferenceEngine(Engine):
     def _run(self, loaded: asyncio.Future[None]) -> None:
         if not self._load(loaded):
             return
+        try:
+            self._loop_steps()
+        except Exception as e:  # a bug outside a step: nothing can be trusted any more, so say so everywhere
+            log.exception("engine loop died")
+            self._health = EngineHealth(False, f"engine loop died: {type(e).__name__}: {e}")
+            self._fail_all(EngineError(self._health.detail, fatal=True))
+
+    def _loop_steps(self) -> None:
         core = self.core
         failures = 0
         while True:
@@ -174,7 +182,7 @@ class ReferenceEngine(Engine):
         if not self._health.ok:
             raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
         self.core.check(request)
-        waiting = self._waiting()
+        waiting = self._queued()
         if waiting >= self._config.max_queue:
             raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._config.max_queue})")
         self._submitted += 1
@@ -203,6 +211,11 @@ class ReferenceEngine(Engine):
 
     def _waiting(self) -> int:
         return self._submitted - self._applied + len(self.core.scheduler.waiting)
+
+    def _queued(self) -> int:
+        """Requests that will have to wait: those not running, less the running slots still free for them."""
+        free = max(0, self.core.scheduler.max_running - len(self.core.scheduler.running))
+        return max(0, self._waiting() - free)
 
     def stats(self) -> EngineStats:
         core = self._core

@@ -191,12 +191,15 @@ class LLMEngine:
         if not plan:
             return []
         try:
-            tokens, positions, batch, logit_rows = self._batch(plan)
             with torch.inference_mode():
-                logits = self.model(tokens, positions, self.kv, batch, logit_rows)
+                return self._run(plan)
         except Exception as e:
             failed = {s.request_id for s in plan.decode} | {s.request_id for s, _, _ in plan.prefill}
             raise StepFailed(failed, e) from e
+
+    def _run(self, plan: Plan) -> Emitted:
+        tokens, positions, batch, logit_rows = self._batch(plan)
+        logits = self.model(tokens, positions, self.kv, batch, logit_rows)
         rows: list[int] = list(range(len(plan.decode)))
         sampled: list[Sequence] = list(plan.decode)
         for seq in plan.decode:

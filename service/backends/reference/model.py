@@ -43,11 +43,14 @@ class LlamaConfig:
     def from_checkpoint(cls, path: Path) -> LlamaConfig:
         c = json.loads((path / "config.json").read_text())
         heads = c["num_attention_heads"]
+        # Published checkpoints say rope_theta + rope_scaling; transformers 5 writes both as rope_parameters.
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = c.get("rope_theta") or rope.get("rope_theta") or 10000.0
         return cls(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
             num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=c.get("rope_theta", 10000.0), rope_scaling=c.get("rope_scaling"),
+            rope_theta=theta, rope_scaling=rope or None,
             max_position_embeddings=c.get("max_position_embeddings", 4096),
             tie_word_embeddings=c.get("tie_word_embeddings", False),
         )
