@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.build import demo, reference, trtllm
+from service.build import demo, reference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["reference", "tensorrt-llm", "pytorch"], default="reference",
                         help="reference: PyTorch engine; tensorrt-llm: build engines (TensorRT-LLM 1.2); "
                              "pytorch: TensorRT-LLM's PyTorch backend profile (1.3+)")
-    trtllm.add_arguments(parser)
+    trt = parser.add_argument_group("TensorRT-LLM", "engine builds and plans (see docs/tensorrt-llm.md)")
+    trt.add_argument("--plan", action="store_true", help="print what would be built and its memory estimate; "
+                     "needs no GPU and no TensorRT-LLM")
+    trt.add_argument("--gpu", help="GPU to plan for, e.g. H100-80GB, H200, A100-80GB, L40S (default: detected)")
+    trt.add_argument("--gpus", type=int, help="number of GPUs to plan for (default: detected)")
+    trt.add_argument("--dtype", choices=["auto", "fp8", "bf16", "fp16"], default="auto",
+                     help="weight precision; auto: fp8 on sm89 and newer, else bf16")
+    trt.add_argument("--tp", type=int, help="tensor-parallel size (default: the smallest that fits)")
+    trt.add_argument("--max-batch-size", type=int, default=64)
+    trt.add_argument("--max-seq-len", type=int, help="default: the model's context length")
+    trt.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per engine step")
     args = parser.parse_args(argv)
     if args.demo:
         demo.build_demo(args.engines_dir / "demo")
         return 0
     if args.plan or args.backend != "reference":
+        from service.build import trtllm  # only here: planning and building never load for the demo
+
         return trtllm.run(args)
     if not args.model or not args.name:
         parser.error("--model and --name are required (or --demo)")
