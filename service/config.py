@@ -72,6 +72,7 @@ class ServerConfig:
     clamp_max_tokens: bool = opt(False, "clamp max_tokens to the context left instead of rejecting the request")
     cors_origin: list[str] = opt([], "origins allowed by CORS on the REST shim (repeatable; * for any)")
     ignore_unknown_fields: bool = opt(False, "REST: ignore unknown request fields with a warning instead of 400")
+    upstream: str = opt("", "llmserve rest: the gRPC server (HOST:PORT) the standalone REST shim fronts")
     log_level: str = opt("info", "log level", choices=["debug", "info", "warning", "error"])
 
 
@@ -132,12 +133,18 @@ def add_section(parser: argparse.ArgumentParser, section: type[Any]) -> None:
             continue
         if scalar is bool:
             if env is not None:
-                default = _parse_bool(env)
+                try:
+                    default = _parse_bool(env)
+                except argparse.ArgumentTypeError as e:
+                    raise SystemExit(f"{_env(f.name)}: {e}") from None
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
             continue
         if env is not None:
-            default = scalar(env)
+            try:
+                default = scalar(env)
+            except ValueError:
+                raise SystemExit(f"{_env(f.name)}={env!r} is not a valid {scalar.__name__}") from None
         group.add_argument(_flag(f.name), dest=f.name, type=scalar, default=default, help=help_text, **meta)
 
 
