@@ -1,48 +1,247 @@
-"""The HTTP side: health and Prometheus metrics, next to the gRPC server."""
+"""The OpenAI-compatible REST shim, with health and Prometheus metrics, next to the gRPC server or alone.
+
+Routes: POST /v1/chat/completions (JSON, or server-sent events with "stream":
+true), GET /v1/models[/{id}], POST /api/v1 (Dataoorts' request wrapper),
+/health/live, /health/ready, /metrics. Requests become the contract's
+protobuf (service.openai_request) and go through a ChatBackend: ChatCompletions
+in this process, or a remote server's gRPC API (service.upstream). Errors
+before a stream starts get an HTTP status from service.rest_errors; after it
+started, a `data: {"error": ...}` event, then `data: [DONE]`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
 
+import grpc
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from service.chat import ChatCompletions
-from service.config import Config
+from service.chat_backend import Caller, ChatBackend, InProcessBackend
+from service.config import Config, ServerConfig
+from service.errors import ServiceError
+from service.gen.llmserve.v1 import chat_pb2
 from service.models import ModelRegistry
-from service.servicer import Phase, ServingState
+from service.openai_request import decode_json, parse_chat, parse_dataoorts
+from service.openai_response import (
+    DONE,
+    chunk_event,
+    completion_json,
+    dataoorts_json,
+    dumps,
+    event,
+    model_json,
+    models_json,
+)
+from service.rest_errors import dataoorts_error, openai_error
+from service.servicer import ServingState
+
+log = logging.getLogger("llmserve.request")
+
+_INTERNAL = ServiceError(grpc.StatusCode.INTERNAL, "internal error")
 
 
-def create_app(config: Config, completions: ChatCompletions, registry: ModelRegistry, state: ServingState) -> Starlette:
-    async def live(_: Request) -> Response:
-        return JSONResponse({"status": "live"})
+def _json(body: dict[str, Any], status: int, caller: Caller | None) -> Response:
+    headers = {"x-request-id": caller.request_id} if caller else None
+    return Response(dumps(body).encode(), status, headers, media_type="application/json")
 
-    async def ready(_: Request) -> Response:
-        ok = state.phase is Phase.SERVING
-        return JSONResponse({"status": state.phase.value}, status_code=200 if ok else 503)
 
-    async def metrics(_: Request) -> Response:
+class EventStream:
+    """Server-sent events, one write each; a client that goes away cancels the producer, and so the generation."""
+
+    def __init__(self, events: AsyncIterator[bytes], request_id: str) -> None:
+        self._events = events
+        self._headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                         (b"x-request-id", request_id.encode())]
+
+    async def _send_all(self, send: Send) -> None:
+        async for data in self._events:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _disconnected(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        sending = asyncio.ensure_future(self._send_all(send))
+        watching = asyncio.ensure_future(self._disconnected(receive))
+        try:
+            await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sending, watching):
+                task.cancel()
+            await asyncio.gather(sending, watching, return_exceptions=True)
+            await self._events.aclose()
+
+
+class RestApi:
+    """The routes over one ChatBackend."""
+
+    def __init__(self, config: ServerConfig, backend: ChatBackend) -> None:
+        self._config = config
+        self._backend = backend
+
+    def _caller(self, request: Request) -> Caller:
+        caller = Caller(request.headers.get("x-request-id") or uuid.uuid4().hex,
+                        request.headers.get("authorization", ""))
+        timeout = request.headers.get("x-request-timeout")
+        if timeout is None:
+            return caller
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            seconds = 0.0
+        if not 0 < seconds < 1e9:
+            raise ServiceError.invalid_field("x-request-timeout",
+                                             f"must be a positive number of seconds, got {timeout!r}")
+        return Caller(caller.request_id, caller.authorization, seconds)
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        limit = self._config.max_message_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ServiceError.invalid_field("body", f"the request is {declared} bytes; at most {limit} are accepted")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise ServiceError.invalid_field("body", f"the request is {len(raw)} bytes; at most {limit} are accepted")
+        return decode_json(raw)
+
+    def _log(self, request: Request, caller: Caller | None, started: float, status: int, model: str | None) -> None:
+        log.info("request", extra={"request_id": caller and caller.request_id, "method": request.method,
+                                   "path": request.url.path, "model": model, "status": status,
+                                   "seconds": round(time.monotonic() - started, 4)})
+
+    async def chat_completions(self, request: Request) -> Response | EventStream:
+        started, caller, model = time.monotonic(), None, None
+        try:
+            caller = self._caller(request)
+            self._backend.admit(caller)
+            parsed = parse_chat(await self._body(request), self._config.ignore_unknown_fields)
+            model = parsed.request.model
+            if parsed.stream:
+                chunks = self._backend.stream(parsed.request, caller)
+                try:
+                    first = await anext(chunks)  # errors until the first chunk still get an HTTP status
+                except BaseException:
+                    await chunks.aclose()
+                    raise
+                self._log(request, caller, started, 200, model)
+                return EventStream(self._events(first, chunks, parsed.request.stream_options.include_usage),
+                                   caller.request_id)
+            completion = await self._backend.create(parsed.request, caller)
+            self._log(request, caller, started, 200, model)
+            return _json(completion_json(completion), 200, caller)
+        except Exception as e:
+            status, body = openai_error(self._service_error(e))
+            self._log(request, caller, started, status, model)
+            return _json(body, status, caller)
+
+    @staticmethod
+    def _service_error(e: Exception) -> ServiceError:
+        if isinstance(e, ServiceError):
+            return e
+        log.error("internal error", exc_info=e)
+        return _INTERNAL
+
+    async def _events(self, first: chat_pb2.ChatCompletionChunk, chunks: AsyncIterator[chat_pb2.ChatCompletionChunk],
+                      usage_null: bool) -> AsyncIterator[bytes]:
+        async with aclosing(chunks):
+            try:
+                yield chunk_event(first, usage_null)
+                async for chunk in chunks:
+                    data = chunk_event(chunk, usage_null)
+                    if data:
+                        yield data
+            except Exception as e:
+                yield event(openai_error(self._service_error(e))[1])
+        yield DONE
+
+    async def dataoorts(self, request: Request) -> Response:
+        """POST /api/v1: Dataoorts' wrapper around a unary chat completion."""
+        started, caller, model = time.monotonic(), None, None
+        try:
+            caller = self._caller(request)
+            self._backend.admit(caller)
+            parsed = parse_dataoorts(await self._body(request), self._config.ignore_unknown_fields)
+            model = parsed.request.model
+            completion = await self._backend.create(parsed.request, caller)
+            self._log(request, caller, started, 200, model)
+            return _json(dataoorts_json(completion), 200, caller)
+        except Exception as e:
+            status, body = dataoorts_error(self._service_error(e))
+            self._log(request, caller, started, status, model)
+            return _json(body, status, caller)
+
+    async def models(self, request: Request) -> Response:
+        caller = None
+        try:
+            caller = self._caller(request)
+            self._backend.admit(caller)
+            models = await self._backend.list_models(caller)
+            wanted = request.path_params.get("model_id")
+            if wanted is None:
+                return _json(models_json(models), 200, caller)
+            for m in models.data:
+                if m.id == wanted:
+                    return _json(model_json(m), 200, caller)
+            served = ", ".join(m.id for m in models.data)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"model {wanted!r} is not served here; models: {served}")
+        except Exception as e:
+            status, body = openai_error(self._service_error(e))
+            return _json(body, status, caller)
+
+    async def live(self, _: Request) -> Response:
+        return _json({"status": "live"}, 200, None)
+
+    async def ready(self, _: Request) -> Response:
+        ok, why = await self._backend.readiness()
+        return _json({"status": why}, 200 if ok else 503, None)
+
+    async def metrics(self, _: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
-        Route("/health/live", live),
-        Route("/health/ready", ready),
-        Route("/metrics", metrics),
+
+def create_app(config: ServerConfig, backend: ChatBackend) -> Starlette:
+    api = RestApi(config, backend)
+    middleware = []
+    if config.cors_origin:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origin, allow_methods=["GET", "POST"],
+                                     allow_headers=["*"], expose_headers=["x-request-id"]))
+    return Starlette(middleware=middleware, routes=[
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", api.models, methods=["GET"]),
+        Route("/api/v1", api.dataoorts, methods=["POST"]),
+        Route("/health/live", api.live),
+        Route("/health/ready", api.ready),
+        Route("/metrics", api.metrics),
     ])
 
 
-class HttpServer:
-    """uvicorn inside the server's event loop, started and stopped with it."""
+class RestServer:
+    """uvicorn inside the caller's event loop, started and stopped with it."""
 
-    def __init__(self, config: Config, completions: ChatCompletions, registry: ModelRegistry,
-                 state: ServingState) -> None:
-        app = create_app(config, completions, registry, state)
-        self._server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.http_port,
-                                                     log_config=None, access_log=False, lifespan="off"))
+    def __init__(self, config: ServerConfig, backend: ChatBackend) -> None:
+        self._server = uvicorn.Server(uvicorn.Config(
+            create_app(config, backend), host=config.host, port=config.http_port, log_config=None, access_log=False,
+            lifespan="off", timeout_graceful_shutdown=1))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -57,3 +256,11 @@ class HttpServer:
         self._server.should_exit = True
         if self._task:
             await self._task
+
+
+class HttpServer(RestServer):
+    """The co-located shim: the chat path of this server's process, with its API keys and serving state."""
+
+    def __init__(self, config: Config, completions: ChatCompletions, registry: ModelRegistry,
+                 state: ServingState) -> None:
+        super().__init__(config.server, InProcessBackend(completions, registry, state, config.server.api_key))
