@@ -15,7 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve gRPC (and the REST shim and /metrics) on the engines directory",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(serve)
+    rest = commands.add_parser("rest", help="the OpenAI-compatible REST shim alone, fronting a gRPC server "
+                               "(--upstream HOST:PORT)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(rest)
     args = parser.parse_args(argv)
+    if args.command == "rest":
+        from service.upstream import serve_rest
+
+        return asyncio.run(serve_rest(config_from_args(args)))
     if args.command == "serve":
         from service.server import serve as run_server
 
