@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from service import loadgen
 from service.config import add_config_arguments, config_from_args
 
 
@@ -18,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     rest = commands.add_parser("rest", help="the OpenAI-compatible REST shim alone, fronting a gRPC server "
                                "(--upstream HOST:PORT)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(rest)
+    bench = commands.add_parser("bench", help="load-test llmserve or any OpenAI-compatible server; JSON results, plot",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    loadgen.add_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return loadgen.main(args)
     if args.command == "rest":
         from service.upstream import serve_rest
 

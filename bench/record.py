@@ -1,0 +1,190 @@
+"""`make bench`: the performance record, in one run on the demo model.
+
+  python -m bench.record [--concurrency 1,8,32] [--no-peers]
+
+Side by side at each concurrency, with the same prompts, seeds and client:
+1. the model's raw batched forward-step ceiling (bench.engine_bench's ceiling);
+2. llmserve over gRPC and over its REST shim;
+3. vLLM's CPU build and 4. transformers serve --continuous-batching, each
+   installed in its own venv under bench/.peers/ (bench.peers).
+Only one server runs at a time, so none takes CPU from another's measurement,
+and the load comes from this process, never from the server's. Writes
+bench/results/<date>.json and .png, docs/performance.png, and the table
+between the record markers of docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.peers import PEERS, PeerServer, install
+from bench.report import update_doc
+from service.loadgen import Level, Workload, metadata, print_table, run_target, write_json
+from service.loadgen_clients import Target
+from service.loadgen_plot import plot
+from service.loadgen_workload import load_tokenizer, synthetic_conversations
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ROOT / "engines"
+CHECKPOINT = ENGINES / "demo" / "checkpoint"
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlmserveServer:
+    """`python -m service serve` on loopback ports, in its own process group, stopped by PID."""
+
+    def __init__(self, log: Path) -> None:
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self._log = log.open("w")
+        cmd = [sys.executable, "-m", "service", "serve", "--engines-dir", str(ENGINES), "--host", "127.0.0.1",
+               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"llmserve exited {self.proc.returncode}; see {self._log.name}")
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"llmserve not serving after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def _shown(path: Path) -> Path:
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def ceiling_runs(levels: list[int], input_len: int, output_len: int, seconds: float) -> list[dict[str, Any]]:
+    """The forward-step ceiling at each batch size, each in a fresh process as bench.engine_bench measures it."""
+    runs = []
+    for batch in levels:
+        cmd = [sys.executable, "-m", "bench.engine_bench", "--child", "ceiling", str(batch), "--prompt-tokens",
+               str(input_len), "--new-tokens", str(output_len), "--seconds", str(seconds)]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  ceiling, batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['step_ms']:.2f} ms a step)",
+              flush=True)
+        runs.append({"target": "ceiling", "kind": "forward-step", "concurrency": batch, "request_rate": None,
+                     "step_ms": row["step_ms"], "output_tokens_per_s": row["tokens_per_s"]})
+    return runs
+
+
+def measure(targets: list[Target], workload: Workload, levels: list[Level]) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for target in targets:
+        runs += asyncio.run(run_target(target, workload, levels))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--requests-per-stream", type=int, default=8,
+                        help="requests per level: this many per concurrent stream, at least 32")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per level after which none is sent")
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0)
+    parser.add_argument("--peers", default="vllm,transformers", help="comma-separated peers to measure ('' for none)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<date>.json")
+    parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose record section is rewritten")
+    args = parser.parse_args(argv)
+    if not (ENGINES / "demo" / "manifest.json").is_file():
+        raise SystemExit("no demo model: run `python build_engine.py --demo` first")
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    peers = [PEERS[name] for name in args.peers.split(",") if name]
+    steps = ["ceiling", "llmserve", *(p.name for p in peers)]
+    step = iter(range(1, len(steps) + 1))
+
+    def announce(what: str) -> None:
+        print(f"[{next(step)}/{len(steps)}] {what}", flush=True)
+
+    for peer in peers:
+        print(f"installing {peer.name} into {peer.venv.relative_to(ROOT)} (once)...", flush=True)
+        install(peer)
+    levels = [Level(max(32, args.requests_per_stream * c), concurrency=c) for c in concurrencies]
+    conversations = synthetic_conversations(load_tokenizer(CHECKPOINT), max(lv.num_requests for lv in levels),
+                                            args.input_len, seed=0)
+    workload = Workload(conversations, args.output_len, seed=0, duration=args.duration, warmup=8)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    announce("forward-step ceiling")
+    runs = ceiling_runs(concurrencies, args.input_len, args.output_len, args.ceiling_seconds)
+
+    announce("llmserve (gRPC, then REST)")
+    server = LlmserveServer(RESULTS / "llmserve.log")
+    try:
+        server.wait_serving()
+        runs += measure([Target("llmserve-grpc", "grpc", f"127.0.0.1:{server.grpc_port}"),
+                         Target("llmserve-rest", "openai", f"http://127.0.0.1:{server.http_port}/v1")],
+                        workload, levels)
+    finally:
+        server.stop()
+
+    for peer in peers:
+        announce(f"{peer.name} (starting; vLLM takes about a minute)")
+        peer_server = PeerServer(peer, CHECKPOINT, free_port())
+        try:
+            peer_server.wait_ready()
+            kind = "hf" if peer.name == "transformers" else "openai"
+            runs += measure([Target(peer.name, kind, peer_server.base_url)], workload, levels)
+        finally:
+            peer_server.stop()
+
+    print_table([r for r in runs if r["target"] != "ceiling"])
+    date = datetime.date.today().isoformat()
+    out = args.out or RESULTS / f"{date}.json"
+    meta = metadata(workload, input_len=args.input_len, model="demo", checkpoint=str(CHECKPOINT.relative_to(ROOT)),
+                    peers={p.name: " ".join(p.requirements) for p in peers})
+    write_json(out, meta, runs)
+    title = f"demo model, {args.input_len}-token prompts, {args.output_len} output tokens, {os.cpu_count()} CPU cores"
+    plot(runs, out.with_suffix(".png"), title)
+    plot(runs, ROOT / "docs" / "performance.png", title)
+    update_doc(args.doc, runs, _shown(out))
+    print(f"wrote {_shown(out)}, {_shown(out.with_suffix('.png'))}, docs/performance.png and the table in "
+          f"{_shown(args.doc)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The record's table in docs/performance.md: figures, ratios, and the goals met or missed.
+
+Only the text between the two markers is rewritten, so the hand-written parts
+of the page (the GPU picture, where the time goes) survive every record run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- record:begin -->", "<!-- record:end -->"
+# (label, target, ratio wanted) with llmserve gRPC's output tokens/s as the numerator.
+THROUGHPUT_GOALS = (("gRPC / vLLM", "vllm", 1.2), ("gRPC / transformers serve", "transformers", 2.0),
+                    ("gRPC / forward ceiling", "ceiling", 0.8))
+GOAL_LEVELS = (8, 32)
+
+
+def _index(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(r["target"], r["concurrency"]): r for r in runs}
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float:
+    if not a or not b or not b.get("output_tokens_per_s"):
+        return math.nan
+    return a["output_tokens_per_s"] / b["output_tokens_per_s"]
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def figures_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["| streams | target | output tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | ITL p99 | E2E p50 "
+             "| E2E p99 |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (r["concurrency"], r["target"] != "ceiling")):
+        if r["target"] == "ceiling":
+            lines.append(f"| {r['concurrency']} | forward-step ceiling ({r['step_ms']:.2f} ms a step) | "
+                         f"{_fmt(r['output_tokens_per_s'], 0)} | | | | | | | |")
+            continue
+        ttft, tpot, itl, e2el = (r[k] for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"))
+        failed = f" ({r['failed']} failed)" if r["failed"] else ""
+        lines.append(f"| {r['concurrency']} | {r['target']}{failed} | {_fmt(r['output_tokens_per_s'], 0)} | "
+                     f"{_fmt(r['requests_per_s'])} | {_fmt(ttft['p50'])} | {_fmt(ttft['p99'])} | "
+                     f"{_fmt(tpot['p50'], 2)} | {_fmt(itl['p99'])} | {_fmt(e2el['p50'], 0)} | {_fmt(e2el['p99'], 0)} |")
+    return lines
+
+
+def ratios_table(runs: list[dict[str, Any]]) -> list[str]:
+    at = _index(runs)
+    levels = sorted({r["concurrency"] for r in runs})
+    lines = ["| streams | " + " | ".join(label for label, _, _ in THROUGHPUT_GOALS) +
+             " | REST / gRPC | TTFT p99 gRPC / vLLM |", "|---:|" + "---:|" * (len(THROUGHPUT_GOALS) + 2)]
+    for c in levels:
+        grpc = at.get(("llmserve-grpc", c))
+        cells = [_fmt(_ratio(grpc, at.get((peer, c))), 2) for _, peer, _ in THROUGHPUT_GOALS]
+        cells.append(_fmt(_ratio(at.get(("llmserve-rest", c)), grpc), 2))
+        vllm = at.get(("vllm", c))
+        ttft = grpc["ttft_ms"]["p99"] / vllm["ttft_ms"]["p99"] if grpc and vllm else math.nan
+        cells.append(_fmt(ttft, 2))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def goals(runs: list[dict[str, Any]]) -> list[tuple[str, int, float, bool]]:
+    """Each goal at 8 and 32 streams: (goal, streams, measured, met); goals whose runs are absent are left out."""
+    at = _index(runs)
+    out = []
+    for c in GOAL_LEVELS:
+        grpc = at.get(("llmserve-grpc", c))
+        for label, peer, wanted in THROUGHPUT_GOALS:
+            ratio = _ratio(grpc, at.get((peer, c)))
+            if not math.isnan(ratio):
+                out.append((f"{label} ≥ {wanted}", c, ratio, ratio >= wanted))
+        rest = _ratio(at.get(("llmserve-rest", c)), grpc)
+        if not math.isnan(rest):
+            out.append(("REST / gRPC ≥ 0.9", c, rest, rest >= 0.9))
+        vllm = at.get(("vllm", c))
+        if grpc and vllm:
+            ratio = grpc["ttft_ms"]["p99"] / vllm["ttft_ms"]["p99"]
+            out.append(("TTFT p99 gRPC / vLLM < 1", c, ratio, ratio < 1))
+    return out
+
+
+def section(runs: list[dict[str, Any]], source: Path) -> str:
+    lines = [BEGIN, "", f"Raw figures: [`{source}`](../{source}); times in milliseconds.", "",
+             *figures_table(runs), "", "Ratios (output tokens/s unless named):", "", *ratios_table(runs), "",
+             "| goal | streams | measured | met |", "|---|---:|---:|---|"]
+    lines += [f"| {g} | {c} | {v:.2f} | {'yes' if ok else '**no**'} |" for g, c, v, ok in goals(runs)]
+    return "\n".join([*lines, "", END])
+
+
+def update_doc(doc: Path, runs: list[dict[str, Any]], source: Path) -> None:
+    """Rewrites the record section, or appends one when the page has none yet."""
+    text = doc.read_text() if doc.is_file() else "# Performance\n"
+    new = section(runs, source)
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + new + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + new + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
