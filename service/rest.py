@@ -15,8 +15,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import grpc
@@ -235,11 +235,20 @@ def create_app(config: ServerConfig, backend: ChatBackend) -> Starlette:
     ])
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that leaves SIGTERM to the process: uvicorn's own handler would close HTTP at once, before the
+    drain that lets running streams finish while /health/ready answers 503."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class RestServer:
     """uvicorn inside the caller's event loop, started and stopped with it."""
 
     def __init__(self, config: ServerConfig, backend: ChatBackend) -> None:
-        self._server = uvicorn.Server(uvicorn.Config(
+        self._server = _Uvicorn(uvicorn.Config(
             create_app(config, backend), host=config.host, port=config.http_port, log_config=None, access_log=False,
             lifespan="off", timeout_graceful_shutdown=1))
         self._task: asyncio.Task[None] | None = None

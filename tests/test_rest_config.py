@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,22 @@ async def test_overload_is_429_while_admitted_requests_finish(http: httpx.AsyncC
 async def test_oversized_body_is_refused(http: httpx.AsyncClient) -> None:
     r = await http.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "x" * 30_000}]))
     assert "20000" in assert_error(r, 400, "invalid_request_error", "invalid_argument", "body")["message"]
+
+
+async def test_sigterm_drains_rest_streams(server_process: Any) -> None:
+    proc = server_process("--grace-period", "30")
+    await proc.wait_serving()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proc.http_port}", timeout=60) as client:
+        request = body(max_tokens=200, ignore_eos=True, stream=True, stream_options={"include_usage": True})
+        async with client.stream("POST", "/v1/chat/completions", json=request) as r:
+            lines = r.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            ready = await client.get("/health/ready")
+            refused = await client.post("/v1/chat/completions", json=body(max_tokens=1))
+            rest = [line async for line in lines if line]
+        assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+        assert_error(refused, 503, "service_unavailable_error", "unavailable", None)
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 200
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0

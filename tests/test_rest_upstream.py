@@ -165,7 +165,7 @@ async def test_every_grpc_status_maps_as_the_docs_say() -> None:
         assert ready.status_code == 503 and ready.json() == {"status": "upstream unavailable"}
 
 
-async def test_llmserve_rest_command(upstream: Any) -> None:
+async def test_llmserve_rest_command_drains_on_sigterm(upstream: Any) -> None:
     port = free_port()
     env = {**os.environ, "LLMSERVE_UPSTREAM": f"127.0.0.1:{upstream.grpc_port}"}
     proc = subprocess.Popen([sys.executable, "-m", "service", "rest", "--http-port", str(port)], cwd=ROOT, env=env,
@@ -182,9 +182,18 @@ async def test_llmserve_rest_command(upstream: Any) -> None:
                     pass
                 assert proc.poll() is None and time.monotonic() < deadline, "the shim did not become ready"
                 await asyncio.sleep(0.1)
-            r = await client.post("/v1/chat/completions", json=body(max_tokens=3, ignore_eos=True, stream=True))
-            assert sse_events(r.content)[-1] == "[DONE]"
-        proc.send_signal(signal.SIGTERM)
+            request = body(max_tokens=200, ignore_eos=True, stream=True, stream_options={"include_usage": True})
+            async with client.stream("POST", "/v1/chat/completions", json=request) as r:
+                lines = r.aiter_lines()
+                assert (await anext(lines)).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                ready = await client.get("/health/ready")
+                refused = await client.post("/v1/chat/completions", json=body(max_tokens=1))
+                rest = [line async for line in lines if line]
+            assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+            assert_error(refused, 503, "service_unavailable_error", "unavailable", None)
+            assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 200
         assert await asyncio.to_thread(proc.wait, 15) == 0
     finally:
         if proc.poll() is None:
