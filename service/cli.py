@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from service import loadgen
+from service import healthcheck, loadgen
 from service.config import add_config_arguments, config_from_args
 
 
@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="load-test llmserve or any OpenAI-compatible server; JSON results, plot",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     loadgen.add_arguments(bench)
+    health = commands.add_parser("healthcheck", help="exit 0 when a server answers SERVING to gRPC health")
+    healthcheck.add_arguments(health)
     args = parser.parse_args(argv)
+    if args.command == "healthcheck":
+        return healthcheck.main(args)
     if args.command == "bench":
         return loadgen.main(args)
     if args.command == "rest":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 
 import grpc
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import EngineConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
-from tests.conftest import chat, running_server, server_config, wait_until
+from tests.conftest import chat, free_port, running_server, server_config, wait_until
 
 FR = chat_pb2.FinishReason
 
@@ -267,3 +268,14 @@ async def test_sigterm_drains_streams_and_exits_zero(server_process) -> None:
             lasts.append(chunks[-1])
     assert [last.usage.completion_tokens for last in lasts] == [64] * 24
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+
+
+async def test_healthcheck_command(server: object) -> None:
+    address = f"127.0.0.1:{server.grpc_port}"  # type: ignore[attr-defined]
+    ok = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", "healthcheck", "--address", address,
+                                              stdout=asyncio.subprocess.PIPE)
+    assert (await ok.communicate())[0].decode().strip() == "SERVING" and ok.returncode == 0
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", "healthcheck", "--address",
+                                                f"127.0.0.1:{free_port()}", "--timeout", "0.5",
+                                                stdout=asyncio.subprocess.PIPE)
+    assert (await gone.communicate())[0].decode().strip() == "UNAVAILABLE" and gone.returncode == 1
