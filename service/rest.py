@@ -15,9 +15,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -54,10 +54,34 @@ log = logging.getLogger("llmserve.request")
 
 _INTERNAL = ServiceError(grpc.StatusCode.INTERNAL, "internal error")
 
+T = TypeVar("T")
+
 
 def _json(body: dict[str, Any], status: int, caller: Caller | None) -> Response:
     headers = {"x-request-id": caller.request_id} if caller else None
     return Response(dumps(body).encode(), status, headers, media_type="application/json")
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away (to be called once the request body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it if the client goes away first, so an abandoned request frees the engine."""
+    task = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watching, return_exceptions=True)
+    if task.cancelled():
+        raise ServiceError(grpc.StatusCode.CANCELLED, "the client closed the connection")
+    return task.result()
 
 
 class EventStream:
@@ -73,15 +97,10 @@ class EventStream:
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    @staticmethod
-    async def _disconnected(receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         sending = asyncio.ensure_future(self._send_all(send))
-        watching = asyncio.ensure_future(self._disconnected(receive))
+        watching = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -138,14 +157,14 @@ class RestApi:
             if parsed.stream:
                 chunks = self._backend.stream(parsed.request, caller)
                 try:
-                    first = await anext(chunks)  # errors until the first chunk still get an HTTP status
+                    first = await _unless_disconnected(request, anext(chunks))  # errors until here get a status
                 except BaseException:
                     await chunks.aclose()
                     raise
                 self._log(request, caller, started, 200, model)
                 return EventStream(self._events(first, chunks, parsed.request.stream_options.include_usage),
                                    caller.request_id)
-            completion = await self._backend.create(parsed.request, caller)
+            completion = await _unless_disconnected(request, self._backend.create(parsed.request, caller))
             self._log(request, caller, started, 200, model)
             return _json(completion_json(completion), 200, caller)
         except Exception as e:
@@ -181,7 +200,7 @@ class RestApi:
             self._backend.admit(caller)
             parsed = parse_dataoorts(await self._body(request), self._config.ignore_unknown_fields)
             model = parsed.request.model
-            completion = await self._backend.create(parsed.request, caller)
+            completion = await _unless_disconnected(request, self._backend.create(parsed.request, caller))
             self._log(request, caller, started, 200, model)
             return _json(dataoorts_json(completion), 200, caller)
         except Exception as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -226,6 +227,15 @@ async def test_client_disconnect_mid_stream_aborts_the_generation(server: Any, h
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break
         assert engine.stats().running >= 1
+    assert await wait_until(lambda: engine.stats().running == 0 and engine.stats().kv_blocks_used == 0, 5)
+    assert server.state.in_flight == 0
+
+
+async def test_client_gone_during_unary_aborts_the_generation(server: Any, http: httpx.AsyncClient) -> None:
+    engine = server.registry.get("demo").engine
+    call = asyncio.create_task(http.post("/v1/chat/completions", json=body(max_tokens=1500, ignore_eos=True)))
+    assert await wait_until(lambda: engine.stats().running >= 1, 10)
+    call.cancel()
     assert await wait_until(lambda: engine.stats().running == 0 and engine.stats().kv_blocks_used == 0, 5)
     assert server.state.in_flight == 0
 
