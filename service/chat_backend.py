@@ -66,10 +66,7 @@ class InProcessBackend:
 
     def admit(self, caller: Caller) -> None:
         check_api_key(self._keys, caller.authorization)
-        if self._state.phase is Phase.LOADING:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models")
-        if self._state.phase is Phase.DRAINING:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        self._state.admit()
 
     @staticmethod
     def _call(caller: Caller) -> Call:

@@ -56,6 +56,8 @@ def decode_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ServiceError.invalid_field("body", f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ServiceError.invalid_field("body", "JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ServiceError.invalid_field("body", f"must be a JSON object, got {_json_type(body)}")
     return body

@@ -3,7 +3,8 @@
 Ports are bound before the models load, so health checks answer NOT_SERVING
 during a long load instead of connection refused; SIGTERM flips health to
 NOT_SERVING, refuses new work with UNAVAILABLE, lets running streams finish
-within the grace period, then exits 0.
+within the grace period, then exits 0. An engine that fails for good flips
+health to NOT_SERVING too, so the orchestrator restarts the replica.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from service.backends.base import EngineStats
 from service.chat import ChatCompletions
 from service.config import Config
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
+from service.grpc_decode import DecodeErrorsAsInvalidArgument
 from service.logs import setup_logging
 from service.metrics import ENGINE_GAUGES
 from service.models import ModelRegistry
@@ -30,10 +32,12 @@ from service.servicer import ChatServicer, Phase, ServingState
 
 log = logging.getLogger(__name__)
 
+ENGINE_WATCH_INTERVAL = 0.25  # seconds between checks of the engines' health
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 _HEALTH = {Phase.LOADING: health_pb2.HealthCheckResponse.NOT_SERVING,
            Phase.SERVING: health_pb2.HealthCheckResponse.SERVING,
-           Phase.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING}
+           Phase.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING,
+           Phase.UNHEALTHY: health_pb2.HealthCheckResponse.NOT_SERVING}
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -54,7 +58,7 @@ class LlmServer:
         self.registry = registry or ModelRegistry(config)
         self.completions = ChatCompletions(self.registry, config.server)
         self.health = HealthServicer()
-        self._grpc = grpc.aio.server(options=[
+        self._grpc = grpc.aio.server(interceptors=[DecodeErrorsAsInvalidArgument()], options=[
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ])
@@ -69,6 +73,7 @@ class LlmServer:
         self.grpc_port = (self._grpc.add_secure_port(address, credentials) if credentials
                           else self._grpc.add_insecure_port(address))
         self._http: rest.HttpServer | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def _engine_stats(self) -> list[tuple[str, EngineStats]]:
         return [(m.name, m.engine.stats()) for m in self.registry]
@@ -88,10 +93,22 @@ class LlmServer:
         await self.registry.load()
         ENGINE_GAUGES.sources.append(self._engine_stats)
         await self._set_phase(Phase.SERVING)
+        self._watcher = asyncio.create_task(self._watch_engines())
         log.info("serving", extra={"models": self.registry.names})
+
+    async def _watch_engines(self) -> None:
+        """Runs until shutdown cancels it; engines report failure through health(), not by calling back."""
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL)
+            failed = {m.name: health.detail for m in self.registry if not (health := m.engine.health()).ok}
+            if failed and self.state.phase is Phase.SERVING:
+                log.error("engine failed; not serving any more", extra={"engines": failed})
+                await self._set_phase(Phase.UNHEALTHY)
 
     async def shutdown(self) -> None:
         """Drains: running calls get the grace period to finish, then everything stops."""
+        if self._watcher:
+            self._watcher.cancel()
         await self._set_phase(Phase.DRAINING)
         grace = self.config.server.grace_period
         deadline = time.monotonic() + grace

@@ -35,6 +35,14 @@ class Phase(enum.Enum):
     LOADING = "loading"
     SERVING = "serving"
     DRAINING = "draining"
+    UNHEALTHY = "unhealthy"  # an engine failed for good: only a restart brings the server back
+
+
+_REFUSALS = {
+    Phase.LOADING: "the server is still loading its models",
+    Phase.DRAINING: "the server is shutting down; retry on another replica",
+    Phase.UNHEALTHY: "a model engine has failed; retry on another replica",
+}
 
 
 class ServingState:
@@ -43,6 +51,11 @@ class ServingState:
     def __init__(self) -> None:
         self.phase = Phase.LOADING
         self.in_flight = 0
+
+    def admit(self) -> None:
+        """Raises UNAVAILABLE unless serving: the client should go to another replica, or retry later."""
+        if self.phase is not Phase.SERVING:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, _REFUSALS[self.phase])
 
 
 def status_for(error: ServiceError) -> grpc.Status:
@@ -82,10 +95,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             if scheme.lower() != "bearer" or key not in self._keys:
                 raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key "
                                    "(send metadata 'authorization: Bearer <key>')")
-        if self._state.phase is Phase.LOADING:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models")
-        if self._state.phase is Phase.DRAINING:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        self._state.admit()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         return Call(request_id, deadline)

@@ -141,8 +141,9 @@ class ReferenceEngine(Engine):
                 log.exception("engine step failed", extra={"requests": sorted(e.request_ids)})
                 core.fail(e.request_ids)
                 self._post([(rid, e) for rid in e.request_ids])
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    self._health = EngineHealth(False, f"{failures} consecutive step failures: {e}")
+                if e.fatal or failures >= MAX_CONSECUTIVE_FAILURES:
+                    why = "fatal engine error" if e.fatal else f"{failures} consecutive step failures"
+                    self._health = EngineHealth(False, f"{why}: {e}")
                     self._fail_all(EngineError(str(e), fatal=True))
                     return
             if out:
@@ -161,7 +162,15 @@ class ReferenceEngine(Engine):
             self._loop.call_soon_threadsafe(self._dispatch, events)
 
     def _fail_all(self, error: EngineError) -> None:
-        self._post([(rid, error) for rid in list(self._streams)])
+        """Fails every stream open when the event loop gets to it. Health is already not ok by then, so a request
+        submitted later is refused by `generate`, and none can slip in between and wait forever."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._fail_streams, error)
+
+    def _fail_streams(self, error: EngineError) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
 
     # -- the event loop side -----------------------------------------------------------------------------
 
@@ -228,6 +237,7 @@ class ReferenceEngine(Engine):
         return self._health
 
     async def shutdown(self) -> None:
+        self._health = EngineHealth(False, "shutting down")  # before the stop, so no request is added after it
         if self._thread and self._thread.is_alive():
             self._commands.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)

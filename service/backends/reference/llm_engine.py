@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +73,9 @@ class LLMEngine:
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size), config.max_running,
                                    config.max_step_tokens)
         self.prefill_tokens = 0  # prompt tokens computed, over the engine's life (n>1 shares a prefill)
+        # Test-only fault injection: called at the start of every step with the ids of the requests in it; what it
+        # raises fails the step exactly as a failing forward pass would (an EngineError(fatal=True) stops the engine).
+        self.test_fault_hook: Callable[[set[str]], None] | None = None
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class LLMEngine:
         batch = AttentionBatch(self.block_size, torch.tensor(slots, device=self.device),
                                decode_rows, decode_blocks, decode_mask, prefills)
         return (torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device), batch,
-                torch.tensor(logit_rows, device=self.device))
+                torch.tensor(logit_rows, dtype=torch.long, device=self.device))  # empty for a mid-prompt chunk
 
     def _copy_block(self, source: int, target: int) -> None:
         bs = self.block_size
@@ -191,11 +195,16 @@ class LLMEngine:
         if not plan:
             return []
         try:
+            if self.test_fault_hook is not None:
+                self.test_fault_hook(self._request_ids(plan))
             with torch.inference_mode():
                 return self._run(plan)
         except Exception as e:
-            failed = {s.request_id for s in plan.decode} | {s.request_id for s, _, _ in plan.prefill}
-            raise StepFailed(failed, e) from e
+            raise StepFailed(self._request_ids(plan), e) from e
+
+    @staticmethod
+    def _request_ids(plan: Plan) -> set[str]:
+        return {s.request_id for s in plan.decode} | {s.request_id for s, _, _ in plan.prefill}
 
     def _run(self, plan: Plan) -> Emitted:
         tokens, positions, batch, logit_rows = self._batch(plan)
@@ -249,6 +258,9 @@ class LLMEngine:
 
 
 class StepFailed(EngineError):
+    """Fatal when its cause says so (an EngineError(fatal=True)): then no later step can be trusted either."""
+
     def __init__(self, request_ids: set[str], cause: Exception) -> None:
-        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}",
+                         fatal=isinstance(cause, EngineError) and cause.fatal)
         self.request_ids = request_ids
