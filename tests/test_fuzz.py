@@ -239,9 +239,9 @@ def test_rest_arbitrary_bytes(fuzzed: Fuzzed, body: bytes) -> None:
     assert_openai_error(r, {400})
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts,
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
-                           max_leaves=12)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3), max_leaves=12)
 FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "n", "stop", "seed", "logprobs", "top_logprobs",
           "tools", "tool_choice", "response_format", "stream", "stream_options", "user", "min_p", "top_k"]
 
