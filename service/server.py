@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -123,7 +124,8 @@ class LlmServer:
         await self.registry.shutdown()
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, on_serving: Callable[[LlmServer], None] | None = None) -> int:
+    """Runs until SIGTERM or SIGINT, then drains. `on_serving` sees the loaded server (the soak's fault injector)."""
     setup_logging(config.server.log_level)
     server = LlmServer(config)
     stop = asyncio.Event()
@@ -135,6 +137,8 @@ async def serve(config: Config) -> int:
     await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
+        if on_serving:
+            on_serving(server)
         await stopped
     else:
         loading.cancel()
