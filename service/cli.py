@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from service import healthcheck, loadgen
+from service import healthcheck, loadgen, profiles
 from service.config import add_config_arguments, config_from_args
 
 
@@ -24,9 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     loadgen.add_arguments(bench)
     health = commands.add_parser("healthcheck", help="exit 0 when a server answers SERVING to gRPC health")
     healthcheck.add_arguments(health)
+    listing = commands.add_parser("profiles", help="list each model's TensorRT-LLM profiles and the one this "
+                                  "machine (or --gpu/--gpus) would use",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    profiles.add_arguments(listing)
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return healthcheck.main(args)
+    if args.command == "profiles":
+        return profiles.main(args)
     if args.command == "bench":
         return loadgen.main(args)
     if args.command == "rest":
