@@ -9,7 +9,6 @@ limits and errors (ServiceError).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,8 +35,10 @@ from service.chat_template import ChatTemplateError
 from service.config import ServerConfig
 from service.errors import ServiceError
 from service.gen.llmserve.v1 import chat_pb2
+from service.grammar import check_schema, plain_json
 from service.metrics import RequestTimer
 from service.models import ModelRegistry, ServedModel
+from service.tools import ToolCallParser, add_to_delta, add_to_message, check_tools
 from service.validation import sampling_params, tool_mode, validate_chat_request
 
 FINISH_REASONS = {
@@ -75,6 +76,10 @@ class _Prepared:
     request: GenerationRequest
     completion_id: str
     created: int
+    tool_names: list[str]  # the tools the model may call: its answers are parsed for a call of one
+
+    def parsers(self) -> list[ToolCallParser]:
+        return [ToolCallParser(self.tool_names) for _ in range(self.request.n)]
 
 
 @dataclass
@@ -99,8 +104,16 @@ def _guided(req: chat_pb2.ChatCompletionRequest) -> GuidedDecoding | None:
     if fmt.type == "json_object":
         return GuidedDecoding(json_object=True)
     if fmt.type == "json_schema":
-        return GuidedDecoding(json_schema=json.dumps(json_format.MessageToDict(fmt.json_schema.schema)))
+        schema = plain_json(json_format.MessageToDict(fmt.json_schema.schema))
+        return GuidedDecoding(json_schema=check_schema(schema, "response_format.json_schema.schema"))
     return None
+
+
+def _finish_reason(reason: FinishReason, parser: ToolCallParser) -> chat_pb2.FinishReason:
+    """A call cut short by max_tokens stays "length": its arguments are incomplete."""
+    if parser.called and reason is FinishReason.STOP:
+        return chat_pb2.FINISH_REASON_TOOL_CALLS
+    return FINISH_REASONS[reason]
 
 
 def _engine_error(e: Exception) -> ServiceError:
@@ -131,6 +144,11 @@ class ChatCompletions:
         if req.tools and tool_mode(req) != "none":
             tools = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in req.tools]
         prompt = render_prompt(model, req.messages, tools)
+        try:
+            callable_tools, call_grammar = check_tools(req)
+            guided = call_grammar or _guided(req)
+        except InvalidRequest as e:
+            raise ServiceError.invalid_field(e.field, e.message) from None
         context = model.manifest.context_length
         room = context - len(prompt)
         if room <= 0:
@@ -149,9 +167,9 @@ class ChatCompletions:
             sampling=sampling_params(req, max_tokens),
             n=req.n if req.HasField("n") else 1,
             deadline=call.deadline,
-            guided=_guided(req),
+            guided=guided,
         )
-        return _Prepared(model, request, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        return _Prepared(model, request, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), list(callable_tools))
 
     def _usage(self, prepared: _Prepared, completion_tokens: int) -> chat_pb2.Usage:
         prompt_tokens = len(prepared.request.prompt_token_ids)
@@ -185,10 +203,11 @@ class ChatCompletions:
                 raise error
         out = chat_pb2.ChatCompletion(id=prepared.completion_id, object="chat.completion", created=prepared.created,
                                       model=prepared.model.name)
-        for i, state in enumerate(choices):
-            choice = out.choices.add(index=i, finish_reason=FINISH_REASONS[state.finish])
+        for i, (state, parser) in enumerate(zip(choices, prepared.parsers(), strict=True)):
+            pieces = parser.feed("".join(state.text)) + parser.finish()
+            choice = out.choices.add(index=i, finish_reason=_finish_reason(state.finish, parser))
             choice.message.role = "assistant"
-            choice.message.content = "".join(state.text)
+            add_to_message(choice.message, pieces)
             if req.logprobs:
                 choice.logprobs.CopyFrom(_logprobs_pb(state.logprobs))
         out.usage.CopyFrom(self._usage(prepared, sum(c.completion_tokens for c in choices)))
@@ -222,6 +241,7 @@ class ChatCompletions:
                                                 created=prepared.created, model=prepared.model.name)
 
         task = asyncio.create_task(pump())
+        parsers = prepared.parsers()
         completion_tokens = 0
         role_sent = False
         try:
@@ -245,15 +265,15 @@ class ChatCompletions:
                         if choice is None:
                             choice = by_index[event.index] = out.choices.add(index=event.index)
                         if isinstance(event, TokenDelta):
-                            if event.text:
-                                choice.delta.content = choice.delta.content + event.text
+                            add_to_delta(choice.delta, parsers[event.index].feed(event.text))
                             if event.logprobs:
                                 choice.logprobs.content.extend(_logprobs_pb(event.logprobs).content)
                         elif isinstance(event, Finished):
                             error = _finish_error(event.finish_reason)
                             if error:
                                 raise error
-                            choice.finish_reason = FINISH_REASONS[event.finish_reason]
+                            add_to_delta(choice.delta, parsers[event.index].finish())
+                            choice.finish_reason = _finish_reason(event.finish_reason, parsers[event.index])
                             completion_tokens += event.completion_tokens
                     yield out
                 if finished:

@@ -26,6 +26,7 @@ from service.backends.base import (
 )
 from service.backends.reference.block_manager import BlockManager
 from service.backends.reference.detokenizer import IncrementalDetokenizer, token_byte_table
+from service.backends.reference.guided import Guides
 from service.backends.reference.model import AttentionBatch, load_model
 from service.backends.reference.sampler import sample
 from service.backends.reference.scheduler import Group, Plan, Scheduler
@@ -64,6 +65,7 @@ class LLMEngine:
         self.max_len = c.max_position_embeddings
         self.table = token_byte_table(tokenizer)
         self.eos = eos_token_ids(checkpoint, tokenizer)
+        self.guides = Guides(tokenizer, c.vocab_size, self.eos, self.table, self.device)
         self.block_size = config.block_size
         num_blocks = max(1, config.max_cache_tokens // config.block_size)
         slots = num_blocks * config.block_size
@@ -89,6 +91,8 @@ class LLMEngine:
         if len(prompt) + params.max_tokens > self.max_len:
             raise InvalidRequest("max_tokens", f"prompt ({len(prompt)} tokens) plus max_tokens "
                                                f"({params.max_tokens}) exceeds the context length ({self.max_len})")
+        if request.guided is not None:
+            self.guides.check(request.guided)
         group = self._group(request)
         if sum(self.scheduler.blocks_needed(group)) > self.scheduler.blocks.num_blocks:
             raise InvalidRequest("max_tokens", "prompt plus max_tokens, over all n choices, exceeds the KV cache "
@@ -105,6 +109,9 @@ class LLMEngine:
 
     def add(self, request: GenerationRequest) -> Emitted:
         group = self._group(request)
+        if request.guided is not None:
+            for seq in group.seqs:
+                seq.logits_processors.append(self.guides.processor(request.guided))
         if request.sampling.max_tokens == 0:
             return [(request.request_id, Finished(s.index, FinishReason.LENGTH, len(s.prompt), 0)) for s in group.seqs]
         self.scheduler.add(group)
@@ -240,7 +247,8 @@ class LLMEngine:
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             seq.output.append(token)
             reason = None
-            if token in self.eos and not seq.params.ignore_eos:
+            # A grammar allows EOS only where the output may end: then it ends, ignore_eos or not.
+            if token in self.eos and (not seq.params.ignore_eos or seq.logits_processors):
                 text, reason = "", FinishReason.STOP
             else:
                 text, stopped = seq.detok.add(token)
