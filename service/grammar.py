@@ -100,8 +100,8 @@ class GrammarCache:
     """Compiled grammars for one tokenizer, least recently used first out.
 
     Compiling costs milliseconds to seconds with the vocabulary's size; a
-    matcher built from a compiled grammar costs microseconds. Both the event
-    loop (admission) and the engine thread use it, hence the lock.
+    matcher built from a compiled grammar costs microseconds. Admission
+    compiles in a worker thread while the engine thread reads, hence the lock.
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: set[int]) -> None:
@@ -118,12 +118,13 @@ class GrammarCache:
             if hit is not None:
                 self._cache.move_to_end(guided)
                 return hit
-            compiled = self._compile(guided)
+        compiled = self._compile(guided)  # outside the lock: the engine thread's cache hits never wait on it
+        with self._lock:
             self.compiles += 1
             self._cache[guided] = compiled
             if len(self._cache) > COMPILE_CACHE_SIZE:
                 self._cache.popitem(last=False)
-            return compiled
+        return compiled
 
     def _compile(self, guided: GuidedDecoding) -> xgr.CompiledGrammar:
         text = schema_text(guided)

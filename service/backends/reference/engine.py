@@ -190,6 +190,8 @@ class ReferenceEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if not self._health.ok:
             raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
+        if request.guided is not None:  # compiling a grammar takes milliseconds to seconds: off the event loop
+            await asyncio.to_thread(self.core.guides.check, request.guided)
         self.core.check(request)
         waiting = self._queued()
         if waiting >= self._config.max_queue:

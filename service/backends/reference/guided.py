@@ -54,7 +54,8 @@ class Guides:
         self._control = torch.tensor(control, dtype=torch.bool, device=device)
 
     def check(self, guided: GuidedDecoding) -> None:
-        """Compiles now (cached), so that a grammar xgrammar refuses is an InvalidRequest before admission."""
+        """Compiles now (cached), so that a grammar xgrammar refuses is an InvalidRequest before admission
+        and the engine thread finds it compiled."""
         self.grammars.get(guided)
 
     def processor(self, guided: GuidedDecoding) -> GrammarProcessor:

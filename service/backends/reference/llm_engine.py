@@ -91,8 +91,6 @@ class LLMEngine:
         if len(prompt) + params.max_tokens > self.max_len:
             raise InvalidRequest("max_tokens", f"prompt ({len(prompt)} tokens) plus max_tokens "
                                                f"({params.max_tokens}) exceeds the context length ({self.max_len})")
-        if request.guided is not None:
-            self.guides.check(request.guided)
         group = self._group(request)
         if sum(self.scheduler.blocks_needed(group)) > self.scheduler.blocks.num_blocks:
             raise InvalidRequest("max_tokens", "prompt plus max_tokens, over all n choices, exceeds the KV cache "
