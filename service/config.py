@@ -51,6 +51,8 @@ class TrtllmConfig:
     trt_kv_cache_fraction: float = opt(0.9, "fraction of free GPU memory TensorRT-LLM gives the KV cache")
     trt_block_reuse: bool = opt(True, "reuse KV blocks of shared prefixes")
     trt_chunked_prefill: bool = opt(True, "split long prefills across steps")
+    trt_profile: str = opt("", "use this profile id instead of choosing one for the local GPUs (llmserve profiles "
+                               "lists them)")
 
 
 @dataclass

@@ -1,0 +1,351 @@
+"""TensorRT-LLM behind the Engine interface, through its LLM API.
+
+TensorRT-LLM does the batching (in-flight), the KV cache and sampling; this
+module only chooses the profile, maps each request onto `SamplingParams`, and
+turns the runtime's cumulative outputs into the interface's events. Names follow
+TensorRT-LLM 1.2 (tensorrt_llm/sampling_params.py, llmapi/llm.py,
+executor/result.py): `generate_async(prompt_token_ids, sampling_params=...,
+streaming=True)` returns a GenerationResult iterated with `async for`, whose
+`.outputs[i]` are CompletionOutputs (`index`, `token_ids`, `logprobs`,
+`finish_reason`), and `abort()` cancels it.
+
+Detokenization and stop strings are done here, with the reference engine's
+byte-exact incremental detokenizer, so both engines stream the same text. The
+runtime still gets the stop strings, to stop early where they tokenize as
+expected, but with `include_stop_str_in_output=True`: trimming them there would
+drop tokens whose text was already held back here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from service.backends.base import (
+    Engine,
+    EngineError,
+    EngineHealth,
+    EngineStats,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    GuidedDecoding,
+    InvalidRequest,
+    ProfileInfo,
+    QueueFull,
+    TokenDelta,
+    TokenLogprob,
+    TopToken,
+)
+from service.backends.reference.detokenizer import IncrementalDetokenizer, token_byte_table
+from service.config import EngineConfig, TrtllmConfig
+from service.gpus import detect_gpus
+from service.manifest import ModelManifest
+from service.profiles import Profile, installed_trtllm_version, load_profiles, profile_by_id, select_profile
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "cancelled": FinishReason.CANCELLED,
+                  "timeout": FinishReason.DEADLINE}
+PYTORCH_MODEL_LINK = "model"
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """A loaded TensorRT-LLM LLM and the parameter classes of the same release."""
+
+    llm: Any
+    sampling_params: Callable[..., Any]
+    guided_decoding_params: Callable[..., Any]
+
+
+def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConfig) -> Runtime:
+    """Loads the profile: an engine folder through `_tensorrt_engine.LLM` (1.2's TensorRT flow), or the
+    checkpoint through `tensorrt_llm.LLM` (the PyTorch backend, 1.3 and later)."""
+    # The LLM API refuses n > 1 under greedy sampling unless this is set; the contract allows it.
+    os.environ.setdefault("TLLM_ALLOW_N_GREEDY_DECODING", "1")
+    try:
+        import tensorrt_llm
+        from tensorrt_llm.llmapi import GuidedDecodingParams, KvCacheConfig
+    except ImportError as e:
+        raise EngineError(f"model {manifest.name!r} needs TensorRT-LLM ({e})", fatal=True) from None
+    common: dict[str, Any] = {
+        "tokenizer": str(manifest.checkpoint),
+        "tensor_parallel_size": profile.tensor_parallel_size,
+        "kv_cache_config": KvCacheConfig(free_gpu_memory_fraction=config.trt_kv_cache_fraction,
+                                         enable_block_reuse=config.trt_block_reuse),
+        "max_batch_size": min(config.trt_max_batch_size, profile.max_batch_size),
+        "max_num_tokens": min(config.trt_max_num_tokens, profile.max_num_tokens),
+        "enable_chunked_prefill": config.trt_chunked_prefill,
+        "guided_decoding_backend": "xgrammar",
+    }
+    if profile.runtime == "tensorrt":
+        from tensorrt_llm._tensorrt_engine import LLM
+
+        llm = LLM(model=str(profile.path), **common)
+    else:
+        llm = tensorrt_llm.LLM(model=str(profile.path / PYTORCH_MODEL_LINK), backend="pytorch", **common)
+    return Runtime(llm, tensorrt_llm.SamplingParams, GuidedDecodingParams)
+
+
+# -- request mapping (pure) ------------------------------------------------------------------------------------
+
+
+def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int]) -> dict[str, Any]:
+    """SamplingParams keyword arguments for a request (every one a field of 1.2's SamplingParams)."""
+    s = request.sampling
+    kwargs: dict[str, Any] = {
+        "max_tokens": s.max_tokens,
+        "n": request.n,
+        "best_of": request.n,   # above n the API re-sorts choices by cumulative logprob; the contract keeps order
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "repetition_penalty": s.repetition_penalty,
+        # The runtime's default seed is 0 for every request: "no seed" must still differ between requests.
+        "seed": s.seed if s.seed is not None else random_seed(),
+        "ignore_eos": s.ignore_eos,
+        "detokenize": False,    # text is made here, byte-exact and with stop strings held back
+        "include_stop_str_in_output": True,
+    }
+    if s.stop:
+        kwargs["stop"] = list(s.stop)
+    if s.temperature == 0:
+        # 1.2's greedy decoding is top_k 1 with top_p unset (SamplingParams._greedy_decoding); the runtime
+        # accepts only temperatures above 0, so none is sent.
+        kwargs["top_k"] = 1
+    else:
+        kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)   # top_k 0: all tokens, as here
+        if s.min_p > 0:
+            kwargs["min_p"] = s.min_p
+    if s.logprobs:
+        kwargs["logprobs"] = max(1, s.top_logprobs)
+    return kwargs
+
+
+def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
+    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF."""
+    if guided is None:
+        return None
+    if guided.json_schema is not None:
+        return {"json": guided.json_schema}
+    if guided.json_object:
+        return {"json_object": True}
+    if guided.ebnf is not None:
+        return {"grammar": guided.ebnf}
+    return None
+
+
+def _logprob_value(entry: Any) -> float:
+    return float(getattr(entry, "logprob", entry))
+
+
+def token_logprob(token_id: int, entry: Any, top: int, det: IncrementalDetokenizer) -> TokenLogprob:
+    """One position of CompletionOutput.logprobs: a {token_id: Logprob(logprob, rank)} dict, or a bare float."""
+    if isinstance(entry, dict):
+        chosen = entry.get(token_id)
+        logprob = _logprob_value(chosen) if chosen is not None else float("-inf")
+        ranked = sorted(entry.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 0, -_logprob_value(kv[1])))
+        tops = tuple(TopToken(t, det.token_text(t), _logprob_value(v), det.token_bytes(t)) for t, v in ranked[:top])
+    else:
+        logprob, tops = _logprob_value(entry), ()
+    return TokenLogprob(token_id, det.token_text(token_id), logprob, det.token_bytes(token_id), tops)
+
+
+class ChoiceStreams:
+    """The choices of one request: TensorRT-LLM's cumulative CompletionOutputs in, the interface's events out."""
+
+    def __init__(self, request: GenerationRequest, table: list[bytes], hidden_ids: set[int]) -> None:
+        self._request = request
+        self._hidden = hidden_ids
+        self._dets = [IncrementalDetokenizer(table, request.sampling.stop) for _ in range(request.n)]
+        self._seen = [0] * request.n
+        self._finished = [False] * request.n
+        self.queue_time = 0.0
+
+    @property
+    def done(self) -> bool:
+        return all(self._finished)
+
+    def events(self, outputs: list[Any]) -> list[Event]:
+        events: list[Event] = []
+        for out in outputs:
+            i = out.index
+            if i >= len(self._finished) or self._finished[i]:
+                continue
+            det, start = self._dets[i], self._seen[i]
+            new = list(out.token_ids[start:])
+            text, stopped = [], False
+            taken = 0
+            for token_id in new:
+                taken += 1
+                if token_id in self._hidden:
+                    continue
+                piece, stopped = det.add(token_id)
+                text.append(piece)
+                if stopped:
+                    break
+            new = new[:taken]
+            reason = FinishReason.STOP if stopped else FINISH_REASONS.get(out.finish_reason or "")
+            if out.finish_reason and reason is None:
+                raise EngineError(f"TensorRT-LLM finished choice {i} with unknown reason {out.finish_reason!r}")
+            if reason is not None and not stopped:
+                text.append(det.flush())
+            self._seen[i] = start + len(new)
+            logprobs = None
+            if self._request.sampling.logprobs:
+                entries = list(out.logprobs or [])[start:start + len(new)]
+                logprobs = [token_logprob(t, e, self._request.sampling.top_logprobs, det)
+                            for t, e in zip(new, entries, strict=False)]
+            if new or "".join(text):
+                events.append(TokenDelta(i, new, "".join(text), logprobs))
+            if reason is not None:
+                events.append(self._finish(i, reason))
+        return events
+
+    def finish_all(self, reason: FinishReason) -> list[Event]:
+        return [self._finish(i, reason) for i, done in enumerate(self._finished) if not done]
+
+    def _finish(self, index: int, reason: FinishReason) -> Finished:
+        self._finished[index] = True
+        return Finished(index, reason, len(self._request.prompt_token_ids), self._seen[index], self.queue_time)
+
+
+# -- the engine ------------------------------------------------------------------------------------------------
+
+_DEADLINE = object()
+_CANCELLED = object()
+
+
+class TrtllmEngine(Engine):
+    def __init__(self, manifest: ModelManifest, engine_config: EngineConfig, trtllm_config: TrtllmConfig) -> None:
+        self._manifest = manifest
+        self._engine_config = engine_config
+        self._config = trtllm_config
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(manifest.checkpoint)
+        self._table = token_byte_table(self.tokenizer)
+        self._hidden = set(self.tokenizer.all_special_ids)
+        self._runtime: Runtime | None = None
+        self._profile: Profile | None = None
+        self._cancels: dict[str, asyncio.Event] = {}
+        self._health = EngineHealth(False, "not started")
+
+    @property
+    def profile(self) -> ProfileInfo:
+        assert self._profile is not None, "start() first"
+        p = self._profile
+        return ProfileInfo(p.id, p.gpu_architecture, p.precision, p.tensor_parallel_size,
+                           {"runtime": p.runtime, "tensorrt_llm_version": p.tensorrt_llm_version})
+
+    async def start(self) -> None:
+        profiles = load_profiles(self._manifest.profiles or self._manifest.root / "profiles")
+        if self._config.trt_profile:
+            profile = profile_by_id(self._manifest.name, profiles, self._config.trt_profile)
+        else:
+            profile = select_profile(self._manifest.name, profiles, detect_gpus(), installed_trtllm_version())
+        log.info("loading TensorRT-LLM profile", extra={"model": self._manifest.name, "profile": profile.id})
+        self._runtime = await asyncio.to_thread(create_runtime, profile, self._manifest, self._config)
+        self._profile = profile
+        self._health = EngineHealth(True)
+
+    def _waiting(self) -> int:
+        """Requests beyond the runtime's batch: they wait inside TensorRT-LLM's scheduler."""
+        return max(0, len(self._cancels) - self._max_batch())
+
+    def _max_batch(self) -> int:
+        built = self._profile.max_batch_size if self._profile else self._config.trt_max_batch_size
+        return min(self._config.trt_max_batch_size, built)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if not self._health.ok or self._runtime is None:
+            raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
+        waiting = self._waiting()
+        if waiting >= self._engine_config.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._engine_config.max_queue})")
+        runtime = self._runtime
+        kwargs = sampling_kwargs(request, lambda: random.getrandbits(63))
+        guided = guided_kwargs(request.guided)
+        try:
+            if guided is not None:
+                kwargs["guided_decoding"] = runtime.guided_decoding_params(**guided)
+            params = runtime.sampling_params(**kwargs)
+        except ValueError as e:   # the release's own validation of the combination
+            raise InvalidRequest("sampling", str(e)) from None
+        if request.request_id in self._cancels:
+            request.request_id = f"{request.request_id}-{id(request):x}"
+        cancelled = asyncio.Event()
+        self._cancels[request.request_id] = cancelled
+        submitted = time.monotonic()
+        result = runtime.llm.generate_async(list(request.prompt_token_ids), sampling_params=params, streaming=True)
+        streams = ChoiceStreams(request, self._table, self._hidden)
+        outputs = aiter(result)
+        first = True
+        try:
+            while not streams.done:
+                output = await self._next(outputs, request.deadline, cancelled)
+                if output is _CANCELLED and not self._health.ok:
+                    raise EngineError("the engine shut down")
+                if output is _DEADLINE or output is _CANCELLED:
+                    result.abort()
+                    for event in streams.finish_all(
+                            FinishReason.DEADLINE if output is _DEADLINE else FinishReason.CANCELLED):
+                        yield event
+                    break
+                if output is None:
+                    raise EngineError(f"TensorRT-LLM ended request {request.request_id} before every choice finished")
+                if first:
+                    streams.queue_time, first = time.monotonic() - submitted, False
+                for event in streams.events(output.outputs):
+                    yield event
+        except EngineError:
+            raise
+        except Exception as e:   # the runtime's RequestError and the like: this request failed, not the engine
+            raise EngineError(f"TensorRT-LLM failed request {request.request_id}: {type(e).__name__}: {e}") from e
+        finally:
+            del self._cancels[request.request_id]
+            if not getattr(result, "finished", False):
+                result.abort()
+
+    @staticmethod
+    async def _next(outputs: AsyncIterator[Any], deadline: float | None, cancelled: asyncio.Event) -> Any:
+        """The next output, or None at the end, _CANCELLED once aborted, _DEADLINE once the deadline passed."""
+        step = asyncio.ensure_future(anext(outputs, None))
+        stop = asyncio.ensure_future(cancelled.wait())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            done, _ = await asyncio.wait({step, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if step in done:
+            return step.result()
+        step.cancel()
+        return _CANCELLED if stop in done else _DEADLINE
+
+    async def abort(self, request_id: str) -> None:
+        cancelled = self._cancels.get(request_id)
+        if cancelled is not None:
+            cancelled.set()
+
+    def stats(self) -> EngineStats:
+        """Counted here: the LLM API's per-iteration stats cost a round trip to the executor per call."""
+        inflight = len(self._cancels)
+        return EngineStats(min(inflight, self._max_batch()), self._waiting(), 0, 0)
+
+    def health(self) -> EngineHealth:
+        return self._health
+
+    async def shutdown(self) -> None:
+        self._health = EngineHealth(False, "shutting down")
+        for cancelled in self._cancels.values():
+            cancelled.set()
+        if self._runtime is not None:
+            await asyncio.to_thread(self._runtime.llm.shutdown)
+        self._health = EngineHealth(False, "shut down")
