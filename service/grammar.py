@@ -53,6 +53,8 @@ def schema_text(guided: GuidedDecoding) -> str | None:
 
 def check_schema(schema: dict[str, Any], field: str) -> str:
     """The schema's text, once it is known to be a valid JSON schema that xgrammar can enforce."""
+    if not isinstance(schema.get("$schema", ""), str):
+        raise InvalidRequest(field, "not a valid JSON schema: $schema must be a URI")
     try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as e:

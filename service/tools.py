@@ -25,7 +25,7 @@ from typing import Any
 import regex
 from google.protobuf import json_format
 
-from service.backends.base import GuidedDecoding
+from service.backends.base import GuidedDecoding, InvalidRequest
 from service.gen.llmserve.v1 import chat_pb2
 from service.grammar import check_schema, plain_json
 from service.validation import tool_mode
@@ -47,8 +47,10 @@ def allowed_tools(req: chat_pb2.ChatCompletionRequest) -> dict[str, dict[str, An
         return {}
     out: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(req.tools):
-        parameters = _parameters(tool)
-        check_schema(parameters, f"tools[{i}].function.parameters")
+        parameters, field = _parameters(tool), f"tools[{i}].function.parameters"
+        if parameters.get("type", "object") != "object":
+            raise InvalidRequest(field, "must be the JSON schema of an object (the arguments are an object)")
+        check_schema(parameters, field)
         if mode != "function" or tool.function.name == req.tool_choice.function.name:
             out[tool.function.name] = parameters
     return out

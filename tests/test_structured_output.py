@@ -136,6 +136,7 @@ async def test_n_choices_each_follow_the_schema(stub: chat_pb2_grpc.ChatServiceS
 BAD_SCHEMAS = [
     {"type": "strnig"},                                                        # not a JSON schema
     {"type": "object", "required": "name"},                                    # not a JSON schema
+    {"$schema": 5, "type": "object"},                                          # not a JSON schema
     {"type": "string", "pattern": "("},                                        # a broken regex
     {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},      # a dangling reference
     {"type": "integer", "minimum": 5, "maximum": 1},                           # an empty range

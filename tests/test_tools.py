@@ -183,11 +183,15 @@ async def test_none_never_calls_even_when_the_text_looks_like_a_call(stub: chat_
         assert finish == FR.FINISH_REASON_STOP and not deltas and json.loads(content)["name"] == "get_weather"
 
 
-async def test_a_bad_parameters_schema_names_the_tool(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+@pytest.mark.parametrize("parameters", [{"type": "object", "properties": {"x": {"type": "nope"}}},
+                                        {"type": "string"}], ids=["not-a-schema", "not-an-object"])
+@pytest.mark.parametrize("mode", ["auto", "required"])
+async def test_a_bad_parameters_schema_names_the_tool(stub: chat_pb2_grpc.ChatServiceStub, parameters: dict[str, Any],
+                                                      mode: str) -> None:
     tools = tools_pb()
-    tools[1].function.parameters.CopyFrom(struct({"type": "object", "properties": {"x": {"type": "nope"}}}))
+    tools[1].function.parameters.CopyFrom(struct(parameters))
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.CreateChatCompletion(chat(tools=tools, tool_choice=required(), max_tokens=8))
+        await stub.CreateChatCompletion(chat(tools=tools, tool_choice=chat_pb2.ToolChoice(mode=mode), max_tokens=8))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(e.value) == ["tools[1].function.parameters"]
 
