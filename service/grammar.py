@@ -27,7 +27,8 @@ import xgrammar as xgr
 from service.backends.base import GuidedDecoding, InvalidRequest
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
-COMPILE_CACHE_SIZE = 256
+COMPILE_CACHE_SIZE = 256                # schemas, for the tokenizer-free check
+COMPILE_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars: ~0.2 MB each at 4k tokens, ~30x that at 128k
 # Keywords xgrammar accepts but does not enforce: refused, so that "valid against the schema" stays a promise.
 UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "dependentRequired", "dependentSchemas",
               "propertyNames", "unevaluatedItems")
@@ -99,7 +100,7 @@ def _unsupported(text: str) -> str | None:
 
 
 class GrammarCache:
-    """Compiled grammars for one tokenizer, least recently used first out.
+    """Compiled grammars for one tokenizer, least recently used first out past COMPILE_CACHE_BYTES.
 
     Compiling costs milliseconds to seconds with the vocabulary's size; a
     matcher built from a compiled grammar costs microseconds. Admission
@@ -111,6 +112,7 @@ class GrammarCache:
                                                   stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[GuidedDecoding, xgr.CompiledGrammar] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
         self.compiles = 0
 
@@ -123,9 +125,11 @@ class GrammarCache:
         compiled = self._compile(guided)  # outside the lock: the engine thread's cache hits never wait on it
         with self._lock:
             self.compiles += 1
-            self._cache[guided] = compiled
-            if len(self._cache) > COMPILE_CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if guided not in self._cache:
+                self._cache[guided] = compiled
+                self._bytes += compiled.memory_size_bytes
+            while self._bytes > COMPILE_CACHE_BYTES and len(self._cache) > 1:
+                self._bytes -= self._cache.popitem(last=False)[1].memory_size_bytes
         return compiled
 
     def _compile(self, guided: GuidedDecoding) -> xgr.CompiledGrammar:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +14,10 @@ import httpx
 import jsonschema
 import pytest
 from google.protobuf import struct_pb2
+from transformers import AutoTokenizer
 
+from service import grammar
+from service.backends.base import GuidedDecoding
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from tests.conftest import chat
 from tests.test_grpc_service import field_violations
@@ -188,3 +192,19 @@ async def test_a_schema_is_compiled_once(server: Any, stub: chat_pb2_grpc.ChatSe
                                                      max_tokens=160))
         jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
     assert grammars.compiles == before + 1
+
+
+def test_compiled_grammars_are_evicted_least_recently_used_first(monkeypatch: pytest.MonkeyPatch,
+                                                                   engines_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(engines_dir / "demo" / "checkpoint")
+    cache = grammar.GrammarCache(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    guides = [GuidedDecoding(json_schema=json.dumps(SCHEMAS[name])) for name in sorted(SCHEMAS)]
+    sizes = [cache.get(g).memory_size_bytes for g in guides[:2]]
+    monkeypatch.setattr(grammar, "COMPILE_CACHE_BYTES", sum(sizes))
+    cache.get(guides[0])                      # a hit, and now the most recently used
+    cache.get(guides[2])                      # over the budget: guides[1] goes
+    assert cache.compiles == 3
+    cache.get(guides[0])
+    assert cache.compiles == 3
+    cache.get(guides[1])
+    assert cache.compiles == 4
