@@ -30,7 +30,8 @@ DEMO = ROOT / "engines" / "demo"
 
 
 def measure_ceiling(batch: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
-    """Decode steps over a context growing as in a generation, contiguous cache slots per sequence."""
+    """Decode steps over a context growing as in a generation: the model's own decode path (paged cache
+    writes, attention over dense rows, as the engine runs it) with nothing around it."""
     import torch
 
     from service.backends.reference.model import AttentionBatch, load_model
@@ -41,17 +42,18 @@ def measure_ceiling(batch: int, prompt_tokens: int, new_tokens: int, seconds: fl
     span = -(-(prompt_tokens + new_tokens) // block) * block
     kv = [(torch.zeros(batch * span, c.num_kv_heads, c.head_dim), torch.zeros(batch * span, c.num_kv_heads, c.head_dim))
           for _ in range(c.num_layers)]
+    rows = [(torch.zeros(batch, c.num_kv_heads, span, c.head_dim), torch.zeros(batch, c.num_kv_heads, span, c.head_dim))
+            for _ in range(c.num_layers)]
     base = torch.arange(batch) * span
-    table = torch.arange(batch * span // block).view(batch, -1)  # each sequence's blocks, contiguous
     tokens = torch.randint(0, c.vocab_size, (batch,))
-    rows = torch.arange(batch)
+    index = torch.arange(batch)
 
     def generation() -> None:
         for pos in range(prompt_tokens, prompt_tokens + new_tokens):
-            blocks = -(-(pos + 1) // block)
-            mask = (torch.arange(blocks * block) <= pos).expand(batch, 1, 1, -1)
-            step = AttentionBatch(block, base + pos, rows, table[:, :blocks], mask, [])
-            model(tokens, torch.full((batch,), pos), kv, step, rows)
+            mask = (torch.arange(pos + 1) <= pos).expand(batch, 1, 1, -1)
+            positions = torch.full((batch,), pos)
+            step = AttentionBatch(block, base + pos, index, None, mask, [], rows, positions)
+            model(tokens, positions, kv, step, index)
 
     with torch.inference_mode():
         generation()

@@ -3,7 +3,10 @@
   python -m bench.record [--concurrency 1,8,32] [--no-peers]
 
 Side by side at each concurrency, with the same prompts, seeds and client:
-1. the model's raw batched forward-step ceiling (bench.engine_bench's ceiling);
+1. the model's raw batched forward-step ceiling (bench.engine_bench's ceiling), at
+   the context the served requests carry: the prompt as the chat template
+   renders it (the demo's Llama 3.1 template adds a system header), not the
+   user text alone;
 2. llmserve over gRPC and over its REST shim;
 3. vLLM's CPU build and 4. transformers serve --continuous-batching, each
    installed in its own venv under bench/.peers/ (bench.peers).
@@ -95,6 +98,18 @@ def _shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
+def templated_length(conversations: list[list[dict[str, str]]]) -> int:
+    """Mean prompt length in tokens once the demo's chat template has rendered the conversations."""
+    from transformers import AutoTokenizer
+
+    from service.chat_template import ChatTemplate
+    from service.manifest import load_manifest
+
+    manifest = load_manifest(ENGINES / "demo")
+    template = ChatTemplate(AutoTokenizer.from_pretrained(manifest.checkpoint), manifest.chat_template)
+    return round(sum(len(template.encode(c, None, True)) for c in conversations) / len(conversations))
+
+
 def ceiling_runs(levels: list[int], input_len: int, output_len: int, seconds: float,
                  threads: int) -> list[dict[str, Any]]:
     """The forward-step ceiling at each batch size, each in a fresh process as bench.engine_bench measures it."""
@@ -155,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
 
-    announce("forward-step ceiling")
-    runs = ceiling_runs(concurrencies, args.input_len, args.output_len, args.ceiling_seconds, args.threads)
+    context = templated_length(conversations)
+    announce(f"forward-step ceiling (at the templated prompt length, {context} tokens)")
+    runs = ceiling_runs(concurrencies, context, args.output_len, args.ceiling_seconds, args.threads)
 
     announce("llmserve (gRPC, then REST)")
     server = LlmserveServer(PEERS_DIR / "llmserve.log", args.threads)
@@ -182,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"{date}.json"
     meta = metadata(workload, input_len=args.input_len, model="demo", checkpoint=str(CHECKPOINT.relative_to(ROOT)),
-                    threads=args.threads, peers={p.name: " ".join(p.requirements) for p in peers})
+                    threads=args.threads, ceiling_prompt_tokens=context,
+                    peers={p.name: " ".join(p.requirements) for p in peers})
     write_json(out, meta, runs)
     title = f"demo model, {args.input_len}-token prompts, {args.output_len} output tokens, {os.cpu_count()} CPU cores"
     plot(runs, out.with_suffix(".png"), title)

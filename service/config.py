@@ -38,6 +38,8 @@ class EngineConfig:
     max_cache_tokens: int = opt(32768, "KV cache size in tokens, over all running sequences")
     block_size: int = opt(16, "KV cache block size in tokens")
     max_step_tokens: int = opt(512, "most tokens in one forward step; longer prefills are chunked")
+    prefix_caching: bool = opt(True, "reuse the KV of prompt prefixes already computed (whole blocks; chat "
+                                     "templates give every conversation the same header)")
     max_queue: int = opt(256, "most requests waiting for admission; past it RESOURCE_EXHAUSTED (HTTP 429)")
     threads: int = opt(0, "torch intra-op threads for the reference engine (0: torch's default)")
 

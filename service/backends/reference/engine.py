@@ -233,7 +233,8 @@ class ReferenceEngine(Engine):
         if core is None:
             return EngineStats(0, 0, 0, 0)
         blocks = core.scheduler.blocks
-        return EngineStats(len(core.scheduler.running), self._waiting(), blocks.used, blocks.num_blocks)
+        return EngineStats(len(core.scheduler.running), self._waiting(), blocks.used, blocks.num_blocks,
+                           blocks.hit_rate)
 
     def health(self) -> EngineHealth:
         return self._health

@@ -25,6 +25,7 @@ from service.backends.base import (
     TokenDelta,
 )
 from service.backends.reference.block_manager import BlockManager
+from service.backends.reference.decode_rows import DecodeRows
 from service.backends.reference.detokenizer import IncrementalDetokenizer, token_byte_table
 from service.backends.reference.guided import Guides
 from service.backends.reference.model import AttentionBatch, load_model
@@ -72,8 +73,9 @@ class LLMEngine:
         self.kv = [(torch.zeros(slots, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device),
                     torch.zeros(slots, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device))
                    for _ in range(c.num_layers)]
-        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size), config.max_running,
-                                   config.max_step_tokens)
+        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.prefix_caching),
+                                   config.max_running, config.max_step_tokens)
+        self.decode_rows = DecodeRows(self.kv, config.block_size, config.max_running, slots)
         self.prefill_tokens = 0  # prompt tokens computed, over the engine's life (n>1 shares a prefill)
         # Test-only fault injection: called at the start of every step with the ids of the requests in it; what it
         # raises fails the step exactly as a failing forward pass would (an EngineError(fatal=True) stops the engine).
@@ -157,21 +159,26 @@ class LLMEngine:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        dense = bool(plan.decode) and self.decode_rows.arrange(plan.decode)  # reorders plan.decode to row order
         for seq in plan.decode:
             p = seq.length - 1
             tokens.append(seq.last_token)
             positions.append(p)
             slots.append(seq.blocks[p // self.block_size] * self.block_size + p % self.block_size)
-        decode_rows = decode_blocks = decode_mask = None
+        decode_rows = decode_blocks = decode_mask = decode_positions = None
         if plan.decode:
             d = len(plan.decode)
-            decode_rows = torch.arange(d, device=self.device)
-            lengths = torch.tensor(positions, device=self.device) + 1
-            width = max(self.scheduler.blocks.blocks_for(p + 1) for p in positions)
-            decode_blocks = torch.tensor([s.blocks[:width] + [0] * (width - len(s.blocks)) for s in plan.decode],
-                                         device=self.device)
-            span = width * self.block_size
-            decode_mask = (torch.arange(span, device=self.device) < lengths.unsqueeze(1)).view(d, 1, 1, span)
+            decode_rows = torch.arange(d, device=self.device)  # the first d tokens, and the first d dense rows
+            decode_positions = torch.tensor(positions, device=self.device)
+            if dense:
+                span = max(positions) + 1
+            else:
+                width = max(self.scheduler.blocks.blocks_for(p + 1) for p in positions)
+                span = width * self.block_size
+                decode_blocks = torch.tensor([s.blocks[:width] + [0] * (width - len(s.blocks)) for s in plan.decode],
+                                             device=self.device)
+            decode_mask = (torch.arange(span, device=self.device) < decode_positions.unsqueeze(1) + 1).view(
+                d, 1, 1, span)
         logit_rows = list(range(len(plan.decode)))
         prefills = []
         for seq, start, n in plan.prefill:
@@ -184,7 +191,8 @@ class LLMEngine:
             if start + n == len(seq.prompt):
                 logit_rows.append(first + n - 1)
         batch = AttentionBatch(self.block_size, torch.tensor(slots, device=self.device),
-                               decode_rows, decode_blocks, decode_mask, prefills)
+                               decode_rows, decode_blocks, decode_mask, prefills,
+                               self.decode_rows.layers if dense else None, decode_positions)
         return (torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device), batch,
                 torch.tensor(logit_rows, dtype=torch.long, device=self.device))  # empty for a mid-prompt chunk
 
@@ -222,6 +230,7 @@ class LLMEngine:
         for seq, _, n in plan.prefill:
             seq.computed += n
             self.prefill_tokens += n
+            self.scheduler.remember_prompt_blocks(seq)
             if seq.computed < len(seq.prompt):
                 continue
             seq.status = Status.DECODE

@@ -6,10 +6,11 @@ load from a Hugging Face safetensors checkpoint; q/k/v and gate/up are fused
 at load so each layer runs three matmuls fewer per step.
 
 A step's tokens are flat ([T]): decode tokens of many sequences and prefill
-chunks side by side. Every token's K and V are written to its cache slot;
-attention then reads each sequence's whole context back by whole blocks
-(one index_select of contiguous blocks is ~7x faster than gathering slot by
-slot), decode sequences batched together, prefill chunks one by one.
+chunks side by side. Every token's K and V are written to its cache slot.
+Decode sequences attend together, over their dense rows (decode_rows.py)
+when the engine keeps them, else over their blocks gathered from the cache
+(one index_select of whole blocks is ~7x faster than slot by slot); prefill
+chunks attend one by one over their gathered blocks.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class AttentionBatch:
     decode_blocks: torch.Tensor | None   # [D, B] each decode sequence's cache blocks, padded
     decode_mask: torch.Tensor | None     # [D, 1, 1, B * block_size] True where the context is real
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, rows, context blocks [B], start position)
+    # Dense rows instead of decode_blocks: per layer (K, V) [rows, KV heads, capacity, head dim], row i holding
+    # decode sequence i's context; each decode token's K/V is also written at its position in its row.
+    decode_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    decode_positions: torch.Tensor | None = None  # [D]
 
     def gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[..., B] block ids -> [..., B * block_size, heads, head_dim] of the cache's contents."""
@@ -121,24 +126,32 @@ class Attention(nn.Module):
         self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+                v_cache: torch.Tensor, batch: AttentionBatch, layer: int) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv(x).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = rotate(qkv[:, :self.heads + self.kv_heads], cos, sin)  # q and k heads rotated in one pass
-        q, k = qk[:, :self.heads], qk[:, self.heads:]
+        q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
         k_cache[batch.slots] = k
-        v_cache[batch.slots] = qkv[:, self.heads + self.kv_heads:]
-        if batch.decode_rows is not None and not batch.prefills:  # pure decode: no scatter back needed
+        v_cache[batch.slots] = v
+        if batch.decode_rows is None:
+            od = None
+        elif batch.decode_kv is not None:
+            dk, dv = batch.decode_kv[layer]
+            d, rows, positions = len(batch.decode_rows), batch.decode_rows, batch.decode_positions
+            dk[rows, :, positions] = k[rows]
+            dv[rows, :, positions] = v[rows]
+            span = batch.decode_mask.shape[-1]
+            od = F.scaled_dot_product_attention(q[rows].unsqueeze(2), dk[:d, :, :span], dv[:d, :, :span],
+                                                attn_mask=batch.decode_mask, enable_gqa=True)  # [D, H, 1, hd]
+        else:
             kd = batch.gather(k_cache, batch.decode_blocks).transpose(1, 2)     # [D, KVH, L, hd]
             vd = batch.gather(v_cache, batch.decode_blocks).transpose(1, 2)
-            od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
+            od = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), kd, vd,
+                                                attn_mask=batch.decode_mask, enable_gqa=True)
+        if not batch.prefills:  # pure decode: the decode rows are all the rows
             return self.o(od.reshape(t, -1))
         out = torch.empty_like(q)
-        if batch.decode_rows is not None:
-            qd = q[batch.decode_rows].unsqueeze(2)                              # [D, H, 1, hd]
-            kd = batch.gather(k_cache, batch.decode_blocks).transpose(1, 2)     # [D, KVH, L, hd]
-            vd = batch.gather(v_cache, batch.decode_blocks).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
+        if od is not None:
             out[batch.decode_rows] = od.squeeze(2)
         for first, rows, blocks, start in batch.prefills:
             length = start + rows
@@ -193,8 +206,8 @@ class Llama(nn.Module):
         x = self.embed(tokens)
         cos = self.cos[positions].unsqueeze(1).to(x.dtype)
         sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
-            x = x + layer.attn(layer.attn_norm(x), cos, sin, k_cache, v_cache, batch)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv, strict=True)):
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, k_cache, v_cache, batch, i)
             x = x + layer.mlp(layer.mlp_norm(x))
         return self.lm_head(self.norm(x[logit_rows])).float()
 

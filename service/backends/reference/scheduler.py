@@ -70,8 +70,26 @@ class Scheduler:
             for seq, blocks in zip(group.seqs, needed, strict=True):
                 seq.reserved = blocks
                 seq.queue_time = now - seq.arrival
+            self._take_cached_prefix(group.leader)
             group.leader.status = Status.PREFILL
             self.running.append(group.leader)
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Starts the prefill after the prompt's longest cached prefix of whole blocks, always leaving at least
+        the last prompt token to compute (its logits give the first output token)."""
+        seq.block_keys = self.blocks.keys(seq.prompt)
+        usable = seq.block_keys[:(len(seq.prompt) - 1) // self.blocks.block_size]
+        seq.blocks = self.blocks.take_cached(usable, len(seq.prompt))
+        seq.reserved -= len(seq.blocks)
+        seq.remembered = len(seq.blocks)
+        seq.computed = len(seq.blocks) * self.blocks.block_size
+
+    def remember_prompt_blocks(self, seq: Sequence) -> None:
+        """Offers the prompt blocks this step completed to the prefix cache."""
+        full = min(min(seq.computed, len(seq.prompt)) // self.blocks.block_size, len(seq.block_keys))
+        for i in range(seq.remembered, full):
+            self.blocks.remember(seq.blocks[i], seq.block_keys[i])
+        seq.remembered = max(seq.remembered, full)
 
     def schedule(self) -> Plan:
         self._admit()

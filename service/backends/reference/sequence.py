@@ -30,6 +30,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     computed: int = 0               # tokens whose K/V are in the cache
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache key of each full prompt block
+    remembered: int = 0             # prompt blocks already recorded in the prefix cache
     reserved: int = 0               # blocks still reserved for this sequence
     status: Status = Status.WAITING
     finish: FinishReason | None = None
