@@ -282,3 +282,14 @@ async def test_sdk_parse_with_a_pydantic_tool(client: openai.AsyncOpenAI) -> Non
         tools=[openai.pydantic_function_tool(Weather, name="get_weather")], tool_choice="required")
     call = reply.choices[0].message.tool_calls[0]
     assert isinstance(call.function.parsed_arguments, Weather)
+
+
+async def test_sdk_stream_helper_parses_the_streamed_call(client: openai.AsyncOpenAI) -> None:
+    """The SDK's streaming helper rebuilds the call from our deltas and parses its arguments."""
+    async with client.chat.completions.stream(
+            model="demo", messages=[{"role": "user", "content": "Weather?"}], max_tokens=120, seed=4,
+            tools=[openai.pydantic_function_tool(Weather, name="get_weather")], tool_choice="required") as stream:
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert isinstance(choice.message.tool_calls[0].function.parsed_arguments, Weather)
