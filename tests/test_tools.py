@@ -293,3 +293,14 @@ async def test_sdk_stream_helper_parses_the_streamed_call(client: openai.AsyncOp
     choice = final.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert isinstance(choice.message.tool_calls[0].function.parsed_arguments, Weather)
+
+
+async def test_each_of_n_choices_makes_its_own_call(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    req = chat(tools=tools_pb(), tool_choice=required(), n=3, seed=11, max_tokens=120)
+    reply, (deltas, _, finish) = await asyncio.gather(stub.CreateChatCompletion(req), streamed_call(stub, req))
+    calls = [c.message.tool_calls[0] for c in reply.choices]
+    assert len({c.id for c in calls}) == 3
+    for c in reply.choices:
+        assert c.finish_reason == FR.FINISH_REASON_TOOL_CALLS
+        assert_valid_call(c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments, set(TOOLS))
+    assert len([d for d in deltas if d.id]) == 3 and finish == FR.FINISH_REASON_TOOL_CALLS
