@@ -304,3 +304,13 @@ async def test_each_of_n_choices_makes_its_own_call(stub: chat_pb2_grpc.ChatServ
         assert c.finish_reason == FR.FINISH_REASON_TOOL_CALLS
         assert_valid_call(c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments, set(TOOLS))
     assert len([d for d in deltas if d.id]) == 3 and finish == FR.FINISH_REASON_TOOL_CALLS
+
+
+async def test_tools_reach_the_prompt_unless_tool_choice_is_none(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    async def prompt_tokens(**fields: Any) -> int:
+        return (await stub.CreateChatCompletion(chat("Hi", max_tokens=1, **fields))).usage.prompt_tokens
+
+    none_choice = chat_pb2.ToolChoice(mode="none")
+    bare, auto, none = await asyncio.gather(prompt_tokens(), prompt_tokens(tools=tools_pb()),
+                                            prompt_tokens(tools=tools_pb(), tool_choice=none_choice))
+    assert none == bare < auto
