@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from service.build import trtllm as build_trtllm
 from service.build.plan import (
     TARGET_MODELS,
     PlanError,
@@ -19,6 +22,8 @@ from service.build.plan import (
     weight_bytes,
 )
 from service.gpus import GIB, GpuError, detect_gpus, parse_gpu, parse_nvidia_smi
+from service.manifest import load_manifest
+from service.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA31 = TARGET_MODELS["llama-3.1-70b-instruct"]
@@ -168,3 +173,59 @@ def test_engine_build_without_a_gpu_fails_clearly(tmp_path: Path) -> None:
     assert described.returncode == 2
     assert "a TensorRT engine is built on the GPU it targets, and this machine has no NVIDIA GPU" in described.stderr
     assert not (tmp_path / "x").exists()
+
+
+# -- building: everything around the TensorRT-LLM call ---------------------------------------------------------
+
+
+def build_args(tmp_path: Path, **overrides: object) -> argparse.Namespace:
+    values: dict[str, object] = dict(model=str(ROOT / "engines" / "demo" / "checkpoint"), name="tiny",
+                                     engines_dir=tmp_path, backend="tensorrt-llm", plan=False, gpu=None, gpus=None,
+                                     dtype="bf16", tp=None, max_batch_size=8, max_seq_len=1024, max_num_tokens=2048)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_target_gpus_from_detection(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    h100 = parse_gpu("H100-80GB")
+    monkeypatch.setattr(build_trtllm, "detect_gpus", lambda: [h100, h100])
+    assert build_trtllm.target_gpus(build_args(tmp_path)) == (h100, 2)
+    assert build_trtllm.target_gpus(build_args(tmp_path, gpus=4, plan=True)) == (h100, 4)
+    with pytest.raises(GpuError, match="--gpus 4: only 2 GPUs are present"):
+        build_trtllm.target_gpus(build_args(tmp_path, gpus=4))
+    with pytest.raises(GpuError, match="a TensorRT engine is built on the GPU it targets, and this machine has sm90"):
+        build_trtllm.target_gpus(build_args(tmp_path, gpu="A100-80GB"))
+    monkeypatch.setattr(build_trtllm, "detect_gpus", lambda: [h100, parse_gpu("A100-80GB")])
+    with pytest.raises(GpuError, match="different architectures"):
+        build_trtllm.target_gpus(build_args(tmp_path))
+
+
+def test_engine_build_writes_the_profile_and_manifest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The TensorRT-LLM call itself is replaced by one writing an engine file; the rest is the real build."""
+    def fake_trtllm_build(plan: object, checkpoint: Path, out_dir: Path) -> dict[str, str]:
+        (out_dir / "rank0.engine").write_bytes(b"engine bytes")
+        (out_dir / "config.json").write_text("{}")
+        return {"tensorrt_llm_version": "1.2.0", "tensorrt_version": "10.13.2"}
+
+    monkeypatch.setattr(build_trtllm, "detect_gpus", lambda: [parse_gpu("H100-80GB")])
+    monkeypatch.setattr(build_trtllm, "build_engine", fake_trtllm_build)
+    assert build_trtllm.run(build_args(tmp_path)) == 0
+    folder = tmp_path / "tiny" / "profiles" / "tensorrt-sm90-bf16-tp1"
+    profile = load_profile(folder)
+    assert (profile.runtime, profile.gpu_architecture, profile.precision, profile.tensor_parallel_size) == (
+        "tensorrt", "sm90", "bf16", 1)
+    assert (profile.max_batch_size, profile.max_seq_len, profile.max_num_tokens) == (8, 1024, 2048)
+    assert profile.tensorrt_llm_version == "1.2.0" and profile.data["tensorrt_version"] == "10.13.2"
+    assert profile.data["build_args"]["dtype"] == "bf16"
+    checksum = profile.data["checksum"]
+    assert checksum["files"]["rank0.engine"] == hashlib.sha256(b"engine bytes").hexdigest()
+    assert set(checksum["files"]) == {"rank0.engine", "config.json"}
+    manifest = load_manifest(tmp_path / "tiny")
+    assert (manifest.backend, manifest.context_length) == ("tensorrt-llm", 1024)
+    assert (manifest.checkpoint / "tokenizer.json").is_file()
+    assert not (manifest.checkpoint / "model.safetensors").exists(), "engines need the tokenizer, not the weights"
+
+    assert build_trtllm.run(build_args(tmp_path, dtype="fp8", max_seq_len=512)) == 0
+    assert load_manifest(tmp_path / "tiny").context_length == 512, "a second profile keeps the shorter context"
+    assert {p.name for p in (tmp_path / "tiny" / "profiles").iterdir()} == {
+        "tensorrt-sm90-bf16-tp1", "tensorrt-sm90-fp8-tp1"}

@@ -3,8 +3,9 @@
 TensorRT-LLM does the batching (in-flight), the KV cache and sampling; this
 module only chooses the profile, maps each request onto `SamplingParams`, and
 turns the runtime's cumulative outputs into the interface's events. Names follow
-TensorRT-LLM 1.2 (tensorrt_llm/sampling_params.py, llmapi/llm.py,
-executor/result.py): `generate_async(prompt_token_ids, sampling_params=...,
+TensorRT-LLM 1.x's sources (tensorrt_llm/sampling_params.py, llmapi/llm.py,
+executor/result.py; read at 1.0-era commits, the v1.2.0 tag was not readable here):
+`generate_async(prompt_token_ids, sampling_params=...,
 streaming=True)` returns a GenerationResult iterated with `async for`, whose
 `.outputs[i]` are CompletionOutputs (`index`, `token_ids`, `logprobs`,
 `finish_reason`), and `abort()` cancels it.
@@ -101,7 +102,7 @@ def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConf
 
 
 def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int]) -> dict[str, Any]:
-    """SamplingParams keyword arguments for a request (every one a field of 1.2's SamplingParams)."""
+    """SamplingParams keyword arguments for a request (each a field in tests/fixtures/trtllm-sampling-params.txt)."""
     s = request.sampling
     kwargs: dict[str, Any] = {
         "max_tokens": s.max_tokens,
@@ -119,7 +120,7 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int]) 
     if s.stop:
         kwargs["stop"] = list(s.stop)
     if s.temperature == 0:
-        # 1.2's greedy decoding is top_k 1 with top_p unset (SamplingParams._greedy_decoding); the runtime
+        # The LLM API's greedy decoding is top_k 1 with top_p unset (SamplingParams._greedy_decoding); the runtime
         # accepts only temperatures above 0, so none is sent.
         kwargs["top_k"] = 1
     else:

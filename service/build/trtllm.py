@@ -109,9 +109,10 @@ def _step(number: int, total: int, text: str, started: float) -> None:
 
 
 def build_engine(plan: BuildPlan, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
-    """Builds and saves the TensorRT engine of the plan with TensorRT-LLM 1.2 (names as in tag v1.2.0:
-    tensorrt_llm/_tensorrt_engine/__init__.py exports LLM = llmapi.llm._TrtLLM; llmapi exports
-    BuildConfig, QuantConfig, QuantAlgo)."""
+    """Builds and saves the TensorRT engine of the plan with TensorRT-LLM 1.2. Names as in the 1.x sources and
+    API reference (tensorrt_llm/_tensorrt_engine/__init__.py: LLM = llmapi.llm._TrtLLM, which has save();
+    tensorrt_llm.llmapi exports BuildConfig, QuantConfig, QuantAlgo); the v1.2.0 tag itself was not readable
+    where this was written, see docs/tensorrt-llm.md."""
     started = time.monotonic()
     _step(1, 4, "importing TensorRT-LLM", started)
     try:
