@@ -117,12 +117,16 @@ class FakeTrtllmLLM:
     def __init__(self, scripts: list[list[int]], step_seconds: float = 0.002) -> None:
         self.scripts = scripts
         self.step_seconds = step_seconds
+        self.max_input_len = 1 << 20
         self.results: list[FakeGenerationResult] = []
         self.shut_down = False
 
     def generate_async(self, inputs: list[int], sampling_params: FakeSamplingParams,
                        streaming: bool = False) -> FakeGenerationResult:
         assert streaming, "the backend streams"
+        if len(inputs) > self.max_input_len:   # as LLM._check_arguments refuses prompts past the engine's limits
+            raise ValueError(f"The prompt length ({len(inputs)}) should not exceed max_input_len "
+                             f"({self.max_input_len})")
         result = FakeGenerationResult(self, inputs, sampling_params)
         self.results.append(result)
         return result

@@ -339,6 +339,18 @@ async def test_queue_full_past_batch_and_queue(trt: TrtServer) -> None:
     assert await wait_until(lambda: trt.engine.stats().running == 0, 5)
 
 
+async def test_prompt_the_runtime_refuses_is_invalid_argument(trt: TrtServer) -> None:
+    trt.fake.max_input_len = 4
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await trt.stub.CreateChatCompletion(trt_chat(max_tokens=2))
+    finally:
+        trt.fake.max_input_len = 1 << 20
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "should not exceed max_input_len (4)" in (e.value.details() or "")
+    assert trt.engine.stats().running == 0
+
+
 async def test_no_fitting_profile_stops_the_start_with_the_reason(engines_dir: Path, tmp_path: Path,
                                                                   tokenizer: Any) -> None:
     write_trt_model(tmp_path, engines_dir / "demo" / "checkpoint")

@@ -280,12 +280,18 @@ class TrtllmEngine(Engine):
             params = runtime.sampling_params(**kwargs)
         except ValueError as e:   # the release's own validation of the combination
             raise InvalidRequest("sampling", str(e)) from None
+        submitted = time.monotonic()
+        try:
+            result = runtime.llm.generate_async(list(request.prompt_token_ids), sampling_params=params,
+                                                streaming=True)
+        except ValueError as e:   # the runtime's argument checks, e.g. a prompt longer than the engine's max_seq_len
+            raise InvalidRequest("messages", str(e)) from None
+        except RuntimeError as e:  # "LLM is shutting down"
+            raise EngineError(f"TensorRT-LLM refused request {request.request_id}: {e}") from None
         if request.request_id in self._cancels:
             request.request_id = f"{request.request_id}-{id(request):x}"
         cancelled = asyncio.Event()
         self._cancels[request.request_id] = cancelled
-        submitted = time.monotonic()
-        result = runtime.llm.generate_async(list(request.prompt_token_ids), sampling_params=params, streaming=True)
         streams = ChoiceStreams(request, self._table, self._hidden)
         outputs = aiter(result)
         first = True
