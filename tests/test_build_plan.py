@@ -16,9 +16,11 @@ from service.build.plan import (
     TARGET_MODELS,
     PlanError,
     arch_from_config,
+    checkpoint_precision,
     kv_bytes_per_token,
     load_arch,
     plan_build,
+    pytorch_dtype,
     weight_bytes,
 )
 from service.gpus import GIB, GpuError, detect_gpus, parse_gpu, parse_nvidia_smi
@@ -229,3 +231,27 @@ def test_engine_build_writes_the_profile_and_manifest(monkeypatch: pytest.Monkey
     assert load_manifest(tmp_path / "tiny").context_length == 512, "a second profile keeps the shorter context"
     assert {p.name for p in (tmp_path / "tiny" / "profiles").iterdir()} == {
         "tensorrt-sm90-bf16-tp1", "tensorrt-sm90-fp8-tp1"}
+
+
+def test_pytorch_profiles_take_the_checkpoints_precision(tmp_path: Path) -> None:
+    demo = ROOT / "engines" / "demo" / "checkpoint"          # float32 weights, no quantization
+    assert checkpoint_precision(demo) == "bf16"
+    assert pytorch_dtype(demo, "auto") == "bf16" and pytorch_dtype(demo, "fp16") == "fp16"
+    with pytest.raises(PlanError, match="serves fp8 only from an FP8 checkpoint"):
+        pytorch_dtype(demo, "fp8")
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    assert pytorch_dtype(tmp_path, "auto") == "fp8"
+    with pytest.raises(PlanError, match="holds fp8 weights"):
+        pytorch_dtype(tmp_path, "bf16")
+    (tmp_path / "hf_quant_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16",
+                                                      "quantization_config": {"quant_method": "fp8"}}))
+    assert checkpoint_precision(tmp_path) == "fp8"
+
+
+def test_pytorch_build_of_a_16_bit_checkpoint_refuses_fp8(tmp_path: Path) -> None:
+    done = _build_engine("--model", str(ROOT / "engines" / "demo" / "checkpoint"), "--name", "x", "--backend",
+                         "pytorch", "--gpu", "H100", "--dtype", "fp8", "--engines-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "--dtype fp8:" in done.stderr and "holds bf16 weights" in done.stderr

@@ -127,8 +127,9 @@ def test_built_profile_is_listed_and_chosen_by_the_cli(tmp_path: Path) -> None:
     built = _run("build_engine.py", "--model", str(ROOT / "engines" / "demo" / "checkpoint"), "--name", "tiny",
                  "--backend", "pytorch", "--gpu", "L4", "--engines-dir", str(tmp_path))
     assert built.returncode == 0, built.stderr
-    profile = json.loads((tmp_path / "tiny" / "profiles" / "pytorch-sm89-fp8-tp1" / "profile.json").read_text())
-    assert profile["runtime"] == "pytorch" and profile["gpu_architecture"] == "sm89"
+    profile = json.loads((tmp_path / "tiny" / "profiles" / "pytorch-sm80-bf16-tp1" / "profile.json").read_text())
+    assert profile["runtime"] == "pytorch" and profile["gpu_architecture"] == "sm80", "bf16 runs from Ampere on"
+    assert profile["precision"] == "bf16", "the PyTorch backend serves the checkpoint's own precision"
     assert len(profile["checksum"]["digest"]) == 64
     manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
     assert manifest["backend"] == "tensorrt-llm" and manifest["profiles"] == "profiles"
@@ -138,7 +139,8 @@ def test_built_profile_is_listed_and_chosen_by_the_cli(tmp_path: Path) -> None:
                   "--trtllm-version", "1.3.0")
     assert chosen.returncode == 0, chosen.stderr
     assert "machine: H100-80GB (sm90, 79.6 GiB); TensorRT-LLM 1.3.0" in chosen.stdout
-    assert "pytorch-sm89-fp8-tp1" in chosen.stdout and "* chosen" in chosen.stdout
+    assert "pytorch-sm80-bf16-tp1" in chosen.stdout and "* chosen" in chosen.stdout
     refused = _run("-m", "service", "profiles", "--engines-dir", str(tmp_path), "--gpu", "A100-80GB",
-                   "--trtllm-version", "1.3.0")
-    assert "no: needs sm89 or newer; found sm80" in refused.stdout and "none fits this machine" in refused.stdout
+                   "--trtllm-version", "1.2.0")
+    assert "no: needs TensorRT-LLM 1.3 or later, installed 1.2.0" in refused.stdout
+    assert "none fits this machine" in refused.stdout

@@ -94,7 +94,9 @@ def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConf
 
         llm = LLM(model=str(profile.path), **common)
     else:
-        llm = tensorrt_llm.LLM(model=str(profile.path / PYTORCH_MODEL_LINK), backend="pytorch", **common)
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(profile.precision, "auto")
+        llm = tensorrt_llm.LLM(model=str(profile.path / PYTORCH_MODEL_LINK), backend="pytorch", dtype=dtype,
+                               **common)
     return Runtime(llm, tensorrt_llm.SamplingParams, GuidedDecodingParams)
 
 

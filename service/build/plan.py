@@ -132,6 +132,35 @@ def load_arch(model: str) -> ModelArch:
     return arch_from_config(config, name, str(config_path))
 
 
+def checkpoint_precision(folder: Path) -> str:
+    """The precision a checkpoint's weights are stored in: fp8 for a ModelOpt FP8 export, else its torch_dtype
+    (float32 counts as bf16, the precision it would be served in)."""
+    quant = folder / "hf_quant_config.json"
+    if quant.is_file():
+        try:
+            algo = json.loads(quant.read_text()).get("quantization", {}).get("quant_algo")
+        except (json.JSONDecodeError, AttributeError):
+            raise PlanError(f"{quant}: not a JSON object with a 'quantization' object") from None
+        if algo == "FP8":
+            return "fp8"
+    config = json.loads((folder / "config.json").read_text())
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    if quant_method in ("fp8", "modelopt"):
+        return "fp8"
+    return "fp16" if config.get("torch_dtype") == "float16" else "bf16"
+
+
+def pytorch_dtype(folder: Path, requested: str) -> str:
+    """The PyTorch backend serves a checkpoint's weights as they are: it does not quantize to fp8 on loading."""
+    stored = checkpoint_precision(folder)
+    if requested == "auto":
+        return stored
+    if "fp8" in (requested, stored) and requested != stored:
+        raise PlanError(f"--dtype {requested}: {folder} holds {stored} weights, and the PyTorch backend serves fp8 "
+                        "only from an FP8 checkpoint (quantized with ModelOpt); use --dtype auto or such a checkpoint")
+    return requested
+
+
 def weight_bytes(arch: ModelArch, precision: str) -> int:
     if precision == "fp8":
         return arch.layer_parameters + 2 * arch.embedding_parameters

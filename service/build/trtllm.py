@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.build.plan import BuildPlan, ModelArch, PlanError, load_arch, plan_build
+from service.build.plan import BuildPlan, ModelArch, PlanError, load_arch, plan_build, pytorch_dtype
 from service.gpus import Gpu, GpuError, detect_gpus, parse_gpu
 from service.manifest import MANIFEST, ManifestError, ModelManifest, load_manifest, write_manifest
 from service.profiles import PROFILE_FILE, PYTORCH_MIN_VERSION
@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
             raise PlanError("--model is required: a checkpoint folder, or with --plan a target model id")
         arch = load_arch(args.model)
         gpu, count = target_gpus(args)
-        plan = plan_build(arch, gpu, count, dtype=args.dtype, tp=args.tp, max_batch_size=args.max_batch_size,
+        dtype = args.dtype
+        if args.backend == "pytorch" and Path(args.model).is_dir():
+            dtype = pytorch_dtype(Path(args.model), dtype)
+        plan = plan_build(arch, gpu, count, dtype=dtype, tp=args.tp, max_batch_size=args.max_batch_size,
                           max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens)
     except (PlanError, GpuError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -87,7 +90,8 @@ def build(args: argparse.Namespace, arch: ModelArch, plan: BuildPlan) -> None:
         raise BuildError(f"--model: building needs a local Hugging Face checkpoint folder, got {args.model!r}")
     model_dir = args.engines_dir / args.name
     runtime = "pytorch" if args.backend == "pytorch" else "tensorrt"
-    profile_dir = model_dir / "profiles" / f"{runtime}-{plan.profile_id}"
+    arch = plan.gpu.architecture if runtime == "tensorrt" else pytorch_min_architecture(plan.precision)
+    profile_dir = model_dir / "profiles" / f"{runtime}-{arch}-{plan.precision}-tp{plan.tp}"
     if profile_dir.exists():
         shutil.rmtree(profile_dir)
     profile_dir.mkdir(parents=True)
@@ -97,7 +101,7 @@ def build(args: argparse.Namespace, arch: ModelArch, plan: BuildPlan) -> None:
         versions = {"tensorrt_llm_version": ".".join(map(str, PYTORCH_MIN_VERSION)), "tensorrt_version": None}
     else:
         versions = build_engine(plan, checkpoint, profile_dir)
-    record = profile_record(args, plan, runtime, versions, profile_dir)
+    record = profile_record(args, plan, runtime, arch, versions, profile_dir)
     (profile_dir / PROFILE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     write_model_manifest(model_dir, args.name, checkpoint, plan.max_seq_len)
     print(f"wrote {profile_dir} in {time.monotonic() - started:.0f} s; serve with: "
@@ -123,8 +127,10 @@ def build_engine(plan: BuildPlan, checkpoint: Path, out_dir: Path) -> dict[str, 
     except ImportError as e:
         raise BuildError(f"engine builds need TensorRT-LLM 1.2 with its TensorRT flow ({e}); use the Dockerfile's "
                          "trtllm target, or --backend pytorch for TensorRT-LLM 1.3 and later") from None
+    # The TensorRT flow computes logprobs from generation logits (executor/result.py, compute_logprobs), which an
+    # engine returns only when built to gather them.
     build_config = BuildConfig(max_batch_size=plan.max_batch_size, max_seq_len=plan.max_seq_len,
-                               max_num_tokens=plan.max_num_tokens)
+                               max_num_tokens=plan.max_num_tokens, gather_generation_logits=True)
     quant = (QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8) if plan.precision == "fp8"
              else QuantConfig())
     _step(2, 4, f"building {plan.profile_id} from {checkpoint} (quantizing and compiling take tens of minutes "
@@ -155,12 +161,17 @@ def checksum(folder: Path) -> dict[str, Any]:
     return {"algorithm": "sha256", "files": files, "digest": overall}
 
 
-def profile_record(args: argparse.Namespace, plan: BuildPlan, runtime: str, versions: dict[str, Any],
+def pytorch_min_architecture(precision: str) -> str:
+    """A PyTorch-backend profile is not compiled for one GPU: it runs on any GPU its precision runs on."""
+    return "sm89" if precision == "fp8" else "sm80"
+
+
+def profile_record(args: argparse.Namespace, plan: BuildPlan, runtime: str, arch: str, versions: dict[str, Any],
                    profile_dir: Path) -> dict[str, Any]:
     return {
         "id": profile_dir.name,
         "runtime": runtime,
-        "gpu_architecture": plan.gpu.architecture,
+        "gpu_architecture": arch,
         "gpu_name": plan.gpu.name,
         "precision": plan.precision,
         "tensor_parallel_size": plan.tp,
