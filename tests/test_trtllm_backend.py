@@ -32,22 +32,28 @@ from service.backends.reference.detokenizer import token_byte_table
 from service.config import EngineConfig, TrtllmConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.gpus import detect_gpus, parse_gpu
-from service.profiles import ProfileError
+from service.profiles import ProfileError, load_profile
 from tests.conftest import chat, running_server, server_config, wait_until
 from tests.fake_trtllm import (
     GUIDED_FIELDS,
+    LLM_ARGS_FIELDS,
     SAMPLING_FIELDS,
     FakeCompletionOutput,
     FakeGuidedDecodingParams,
+    FakeLLMConstructor,
     FakeLogprob,
     FakeSamplingParams,
+    FakeTorchLLM,
+    FakeTrtLLM,
     FakeTrtllmLLM,
+    fake_tensorrt_llm_modules,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 FR = chat_pb2.FinishReason
 MODEL = "trt-demo"
 SCRIPTS = ["Hello from the fake runtime. The end.", "A second choice says something else."]
+CREATE_RUNTIME = backend.create_runtime   # the module-scoped server below patches the module's attribute
 
 
 def request(n: int = 1, guided: GuidedDecoding | None = None, **sampling: Any) -> GenerationRequest:
@@ -433,3 +439,67 @@ async def test_build_and_serve_for_real(engines_dir: Path, tmp_path: Path) -> No
                                                                       temperature=0.0))]
         streamed = "".join(c.delta.content for chunk in chunks for c in chunk.choices)
         assert streamed == reply.choices[0].message.content
+
+
+# -- create_runtime and the build, against a fake tensorrt_llm package ------------------------------------------
+
+
+@pytest.fixture
+def fake_tensorrt_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, module in fake_tensorrt_llm_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(FakeLLMConstructor, "created", [])
+
+
+def test_create_runtime_passes_only_llm_api_arguments(fake_tensorrt_llm: None, engines_dir: Path,
+                                                      tmp_path: Path) -> None:
+    write_trt_model(tmp_path, engines_dir / "demo" / "checkpoint")
+    model = tmp_path / MODEL
+    manifest = SimpleNamespace(name=MODEL, checkpoint=model / "checkpoint")
+    engine_profile = load_profile(model / "profiles" / "tensorrt-sm90-fp8-tp1")
+    config = TrtllmConfig(trt_max_batch_size=64, trt_max_num_tokens=4096, trt_kv_cache_fraction=0.8,
+                          trt_block_reuse=False, trt_chunked_prefill=True)
+    runtime = CREATE_RUNTIME(engine_profile, manifest, config)
+    llm = runtime.llm
+    assert isinstance(llm, FakeTrtLLM) and set(llm.kwargs) <= LLM_ARGS_FIELDS
+    assert llm.kwargs["model"] == str(engine_profile.path)
+    assert llm.kwargs["tokenizer"] == str(manifest.checkpoint)
+    assert (llm.kwargs["max_batch_size"], llm.kwargs["max_num_tokens"]) == (8, 4096), "capped at the engine's"
+    assert llm.kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.8, "enable_block_reuse": False}
+    assert llm.kwargs["enable_chunked_prefill"] is True and llm.kwargs["guided_decoding_backend"] == "xgrammar"
+    assert llm.kwargs["gather_generation_logits"] is True and llm.kwargs["max_input_len"] == 2048
+    assert runtime.sampling_params is FakeSamplingParams
+    assert runtime.guided_decoding_params is FakeGuidedDecodingParams
+
+    folder = model / "profiles" / "pytorch-sm80-bf16-tp2"
+    folder.mkdir()
+    data = json.loads((engine_profile.path / "profile.json").read_text())
+    data.update(id=folder.name, runtime="pytorch", gpu_architecture="sm80", precision="bf16",
+                tensor_parallel_size=2, tensorrt_llm_version="1.3")
+    (folder / "profile.json").write_text(json.dumps(data))
+    torch_llm = CREATE_RUNTIME(load_profile(folder), manifest, config).llm
+    assert isinstance(torch_llm, FakeTorchLLM) and set(torch_llm.kwargs) <= LLM_ARGS_FIELDS
+    assert torch_llm.kwargs["model"] == str(folder / "model")
+    assert (torch_llm.kwargs["backend"], torch_llm.kwargs["dtype"], torch_llm.kwargs["tensor_parallel_size"]) == (
+        "pytorch", "bfloat16", 2)
+    assert "gather_generation_logits" not in torch_llm.kwargs
+
+
+def test_engine_build_drives_the_llm_api(fake_tensorrt_llm: None, engines_dir: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.build import trtllm as build_trtllm
+
+    monkeypatch.setattr(build_trtllm, "detect_gpus", lambda: [parse_gpu("H100-80GB")] * 2)
+    args = SimpleNamespace(model=str(engines_dir / "demo" / "checkpoint"), name="tiny", engines_dir=tmp_path,
+                           backend="tensorrt-llm", plan=False, gpu=None, gpus=None, dtype="auto", tp=None,
+                           max_batch_size=8, max_seq_len=1024, max_num_tokens=2048)
+    assert build_trtllm.run(args) == 0
+    [llm] = FakeLLMConstructor.created
+    assert isinstance(llm, FakeTrtLLM) and llm.shut_down
+    assert llm.kwargs["build_config"].kwargs == {"max_batch_size": 8, "max_seq_len": 1024, "max_input_len": 1024,
+                                                 "max_num_tokens": 2048}
+    assert llm.kwargs["quant_config"].kwargs == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    assert (llm.kwargs["tensor_parallel_size"], llm.kwargs["dtype"]) == (1, "auto")
+    profile = load_profile(tmp_path / "tiny" / "profiles" / "tensorrt-sm90-fp8-tp1")
+    assert (profile.tensorrt_llm_version, profile.data["tensorrt_version"]) == ("1.2.0", "10.13.2")
+    assert "rank0.engine" in profile.data["checksum"]["files"]

@@ -86,13 +86,14 @@ def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConf
                                          enable_block_reuse=config.trt_block_reuse),
         "max_batch_size": min(config.trt_max_batch_size, profile.max_batch_size),
         "max_num_tokens": min(config.trt_max_num_tokens, profile.max_num_tokens),
+        "max_input_len": profile.max_seq_len,   # the LLM API's default is 1024; the server checks the context
         "enable_chunked_prefill": config.trt_chunked_prefill,
         "guided_decoding_backend": "xgrammar",
     }
     if profile.runtime == "tensorrt":
         from tensorrt_llm._tensorrt_engine import LLM
 
-        llm = LLM(model=str(profile.path), **common)
+        llm = LLM(model=str(profile.path), gather_generation_logits=True, **common)   # logprobs, as built
     else:
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(profile.precision, "auto")
         llm = tensorrt_llm.LLM(model=str(profile.path / PYTORCH_MODEL_LINK), backend="pytorch", dtype=dtype,

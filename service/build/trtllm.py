@@ -127,16 +127,17 @@ def build_engine(plan: BuildPlan, checkpoint: Path, out_dir: Path) -> dict[str, 
     except ImportError as e:
         raise BuildError(f"engine builds need TensorRT-LLM 1.2 with its TensorRT flow ({e}); use the Dockerfile's "
                          "trtllm target, or --backend pytorch for TensorRT-LLM 1.3 and later") from None
-    # The TensorRT flow computes logprobs from generation logits (executor/result.py, compute_logprobs), which an
-    # engine returns only when built to gather them.
+    # max_input_len defaults to 1024 in the LLM API: a prompt may use the whole sequence.
     build_config = BuildConfig(max_batch_size=plan.max_batch_size, max_seq_len=plan.max_seq_len,
-                               max_num_tokens=plan.max_num_tokens, gather_generation_logits=True)
+                               max_input_len=plan.max_seq_len, max_num_tokens=plan.max_num_tokens)
     quant = (QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8) if plan.precision == "fp8"
              else QuantConfig())
     _step(2, 4, f"building {plan.profile_id} from {checkpoint} (quantizing and compiling take tens of minutes "
           "for a 70B)", started)
+    # The TensorRT flow computes logprobs from generation logits (executor/result.py, compute_logprobs), which an
+    # engine returns only when built to gather them (BaseLlmArgs.gather_generation_logits).
     llm = LLM(model=str(checkpoint), tensor_parallel_size=plan.tp, dtype=TORCH_DTYPES[plan.precision],
-              build_config=build_config, quant_config=quant)
+              build_config=build_config, quant_config=quant, gather_generation_logits=True)
     try:
         _step(3, 4, f"saving the engine to {out_dir}", started)
         llm.save(str(out_dir))
