@@ -113,7 +113,8 @@ def test_no_seed_draws_one_per_request_and_logprobs_default_to_one() -> None:
 def test_guided_decoding_mapping() -> None:
     schema = '{"type": "object"}'
     assert backend.guided_kwargs(GuidedDecoding(json_schema=schema)) == {"json": schema}
-    assert backend.guided_kwargs(GuidedDecoding(json_object=True)) == {"json_object": True}
+    assert backend.guided_kwargs(GuidedDecoding(json_object=True)) == {"json": '{"type": "object"}'}, \
+        "an object, as the reference engine enforces it (json_object=True would also admit an array)"
     assert backend.guided_kwargs(GuidedDecoding(ebnf='root ::= "a"')) == {"grammar": 'root ::= "a"'}
     assert backend.guided_kwargs(None) is None
     for guided in (GuidedDecoding(json_schema=schema), GuidedDecoding(json_object=True), GuidedDecoding(ebnf="x")):
@@ -322,7 +323,7 @@ async def test_response_format_reaches_guided_decoding(trt: TrtServer) -> None:
     await trt.stub.CreateChatCompletion(trt_chat(max_tokens=4, response_format=chat_pb2.ResponseFormat(
         type="json_object")))
     guided = trt.fake.results[-1].sampling_params.kwargs["guided_decoding"]
-    assert isinstance(guided, FakeGuidedDecodingParams) and guided.kwargs == {"json_object": True}
+    assert isinstance(guided, FakeGuidedDecodingParams) and guided.kwargs == {"json": '{"type": "object"}'}
     schema = chat_pb2.ResponseFormat(type="json_schema")
     schema.json_schema.name = "answer"
     schema.json_schema.schema.update({"type": "object", "properties": {"a": {"type": "integer"}}})

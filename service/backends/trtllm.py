@@ -50,6 +50,7 @@ from service.backends.base import (
 from service.backends.reference.detokenizer import IncrementalDetokenizer, token_byte_table
 from service.config import EngineConfig, TrtllmConfig
 from service.gpus import detect_gpus
+from service.grammar import schema_text
 from service.manifest import ModelManifest
 from service.profiles import Profile, installed_trtllm_version, load_profiles, profile_by_id, select_profile
 
@@ -136,13 +137,15 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int]) 
 
 
 def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
-    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF."""
+    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF.
+
+    json_object goes as the schema {"type": "object"}, as the reference engine compiles it:
+    `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array."""
     if guided is None:
         return None
-    if guided.json_schema is not None:
-        return {"json": guided.json_schema}
-    if guided.json_object:
-        return {"json_object": True}
+    schema = schema_text(guided)
+    if schema is not None:
+        return {"json": schema}
     if guided.ebnf is not None:
         return {"grammar": guided.ebnf}
     return None
