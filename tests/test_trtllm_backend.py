@@ -73,7 +73,7 @@ SAMPLING_CASES = [
 
 @pytest.mark.parametrize("sampling", SAMPLING_CASES)
 def test_every_kwarg_is_a_field_of_the_pinned_sampling_params(sampling: dict[str, Any]) -> None:
-    kwargs = backend.sampling_kwargs(request(n=3, **sampling), lambda: 99)
+    kwargs = backend.sampling_kwargs(request(n=3, **sampling), lambda: 99, {2, 7})
     assert set(kwargs) <= SAMPLING_FIELDS, set(kwargs) - SAMPLING_FIELDS
 
 
@@ -88,7 +88,7 @@ def test_every_contract_field_is_mapped() -> None:
     kwargs = backend.sampling_kwargs(request(n=2, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                                              presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1,
                                              seed=5, stop=("END",), ignore_eos=True, logprobs=True,
-                                             top_logprobs=3), lambda: 99)
+                                             top_logprobs=3), lambda: 99, {2})
     assert kwargs == {
         "max_tokens": 16, "n": 2, "best_of": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
         "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.1, "seed": 5,
@@ -98,16 +98,24 @@ def test_every_contract_field_is_mapped() -> None:
 
 
 def test_greedy_is_top_k_1_with_no_temperature() -> None:
-    kwargs = backend.sampling_kwargs(request(temperature=0.0, top_p=0.5, top_k=7), lambda: 99)
+    kwargs = backend.sampling_kwargs(request(temperature=0.0, top_p=0.5, top_k=7), lambda: 99, set())
     assert kwargs["top_k"] == 1
     assert "temperature" not in kwargs and "top_p" not in kwargs and "min_p" not in kwargs
 
 
 def test_no_seed_draws_one_per_request_and_logprobs_default_to_one() -> None:
-    assert backend.sampling_kwargs(request(), lambda: 1234)["seed"] == 1234
-    assert "logprobs" not in backend.sampling_kwargs(request(), lambda: 0)
-    assert backend.sampling_kwargs(request(logprobs=True), lambda: 0)["logprobs"] == 1
-    assert "stop" not in backend.sampling_kwargs(request(), lambda: 0)
+    assert backend.sampling_kwargs(request(), lambda: 1234, set())["seed"] == 1234
+    assert "logprobs" not in backend.sampling_kwargs(request(), lambda: 0, set())
+    assert backend.sampling_kwargs(request(logprobs=True), lambda: 0, set())["logprobs"] == 1
+    assert "stop" not in backend.sampling_kwargs(request(), lambda: 0, set())
+
+
+def test_every_eos_token_stops_unless_ignore_eos(tokenizer: Any, engines_dir: Path) -> None:
+    """TensorRT-LLM's end_id is one token; Llama 3.1 ends turns with any of three."""
+    assert backend.sampling_kwargs(request(), lambda: 0, {128009, 128001, 128008})["stop_token_ids"] == [
+        128001, 128008, 128009]
+    assert "stop_token_ids" not in backend.sampling_kwargs(request(ignore_eos=True), lambda: 0, {128009})
+    assert backend.eos_token_ids(engines_dir / "demo" / "checkpoint", tokenizer) == {1, 4}
 
 
 def test_guided_decoding_mapping() -> None:
@@ -130,7 +138,7 @@ def tokenizer(engines_dir: Path) -> Any:
 
 
 def streams_for(tokenizer: Any, req: GenerationRequest) -> backend.ChoiceStreams:
-    return backend.ChoiceStreams(req, token_byte_table(tokenizer), set(tokenizer.all_special_ids))
+    return backend.ChoiceStreams(req, token_byte_table(tokenizer), {1, 4})   # the demo's EOS tokens
 
 
 def grow(out: FakeCompletionOutput, ids: list[int], finish: str | None = None) -> list[FakeCompletionOutput]:
@@ -149,6 +157,18 @@ def test_stop_string_across_tokens_is_held_back_and_cut(tokenizer: Any) -> None:
     assert isinstance(events[-1], Finished) and events[-1].finish_reason is FinishReason.STOP
     assert streams.done
     assert streams.events(grow(out, ids[:1])) == [], "nothing after the choice finished"
+
+
+def test_eos_ends_the_choice_without_text_unless_ignored(tokenizer: Any) -> None:
+    ids = tokenizer.encode("hello world", add_special_tokens=False)
+    streams = streams_for(tokenizer, request())
+    events = streams.events([FakeCompletionOutput(0, [*ids, 4, *ids])])
+    assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == "hello world"
+    assert [(e.finish_reason, e.completion_tokens) for e in events if isinstance(e, Finished)] == [
+        (FinishReason.STOP, len(ids) + 1)]
+    ignoring = streams_for(tokenizer, request(ignore_eos=True))
+    events = ignoring.events([FakeCompletionOutput(0, [*ids, 4])])
+    assert not ignoring.done and sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta)) == len(ids) + 1
 
 
 def test_length_and_cancelled_finishes_count_tokens(tokenizer: Any) -> None:

@@ -20,12 +20,14 @@ drop tokens whose text was already held back here.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -105,7 +107,21 @@ def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConf
 # -- request mapping (pure) ------------------------------------------------------------------------------------
 
 
-def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int]) -> dict[str, Any]:
+def eos_token_ids(checkpoint: Path, tokenizer: Any) -> set[int]:
+    """Every token that ends a turn: generation_config.json's eos_token_id list (Llama 3.1 has three) and the
+    tokenizer's. TensorRT-LLM's end_id is the tokenizer's alone, so the others go as stop_token_ids."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = checkpoint / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids |= set(value) if isinstance(value, list) else {value} if isinstance(value, int) else set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], eos_ids: set[int]) -> dict[str, Any]:
     """SamplingParams keyword arguments for a request (each a field in tests/fixtures/trtllm-sampling-params.txt)."""
     s = request.sampling
     kwargs: dict[str, Any] = {
@@ -123,6 +139,8 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int]) 
     }
     if s.stop:
         kwargs["stop"] = list(s.stop)
+    if eos_ids and not s.ignore_eos:
+        kwargs["stop_token_ids"] = sorted(eos_ids)
     if s.temperature == 0:
         # The LLM API's greedy decoding is top_k 1 with top_p unset (SamplingParams._greedy_decoding); the runtime
         # accepts only temperatures above 0, so none is sent.
@@ -170,9 +188,9 @@ def token_logprob(token_id: int, entry: Any, top: int, det: IncrementalDetokeniz
 class ChoiceStreams:
     """The choices of one request: TensorRT-LLM's cumulative CompletionOutputs in, the interface's events out."""
 
-    def __init__(self, request: GenerationRequest, table: list[bytes], hidden_ids: set[int]) -> None:
+    def __init__(self, request: GenerationRequest, table: list[bytes], eos_ids: set[int]) -> None:
         self._request = request
-        self._hidden = hidden_ids
+        self._eos = set() if request.sampling.ignore_eos else eos_ids
         self._dets = [IncrementalDetokenizer(table, request.sampling.stop) for _ in range(request.n)]
         self._seen = [0] * request.n
         self._finished = [False] * request.n
@@ -190,21 +208,21 @@ class ChoiceStreams:
                 continue
             det, start = self._dets[i], self._seen[i]
             new = list(out.token_ids[start:])
-            text, stopped = [], False
-            taken = 0
+            text, stopped, taken = [], False, 0
             for token_id in new:
                 taken += 1
-                if token_id in self._hidden:
-                    continue
+                if token_id in self._eos:   # ends the choice with no text, as in the reference engine
+                    stopped = True
+                    break
                 piece, stopped = det.add(token_id)
                 text.append(piece)
-                if stopped:
+                if stopped:                 # a stop string: the text ends before it
                     break
             new = new[:taken]
             reason = FinishReason.STOP if stopped else FINISH_REASONS.get(out.finish_reason or "")
             if out.finish_reason and reason is None:
                 raise EngineError(f"TensorRT-LLM finished choice {i} with unknown reason {out.finish_reason!r}")
-            if reason is not None and not stopped:
+            if reason in (FinishReason.STOP, FinishReason.LENGTH):
                 text.append(det.flush())
             self._seen[i] = start + len(new)
             logprobs = None
@@ -239,7 +257,7 @@ class TrtllmEngine(Engine):
         self._config = trtllm_config
         self.tokenizer: Any = AutoTokenizer.from_pretrained(manifest.checkpoint)
         self._table = token_byte_table(self.tokenizer)
-        self._hidden = set(self.tokenizer.all_special_ids)
+        self._eos = eos_token_ids(manifest.checkpoint, self.tokenizer)
         self._runtime: Runtime | None = None
         self._profile: Profile | None = None
         self._cancels: dict[str, asyncio.Event] = {}
@@ -278,7 +296,7 @@ class TrtllmEngine(Engine):
         if waiting >= self._engine_config.max_queue:
             raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._engine_config.max_queue})")
         runtime = self._runtime
-        kwargs = sampling_kwargs(request, lambda: random.getrandbits(63))
+        kwargs = sampling_kwargs(request, lambda: random.getrandbits(63), self._eos)
         guided = guided_kwargs(request.guided)
         try:
             if guided is not None:
@@ -298,7 +316,7 @@ class TrtllmEngine(Engine):
             request.request_id = f"{request.request_id}-{id(request):x}"
         cancelled = asyncio.Event()
         self._cancels[request.request_id] = cancelled
-        streams = ChoiceStreams(request, self._table, self._hidden)
+        streams = ChoiceStreams(request, self._table, self._eos)
         outputs = aiter(result)
         first = True
         try:
