@@ -353,11 +353,12 @@ class TrtllmEngine(Engine):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             done, _ = await asyncio.wait({step, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:   # also when the caller itself is cancelled: no task is left waiting on the runtime
             stop.cancel()
+            if not step.done():
+                step.cancel()
         if step in done:
             return step.result()
-        step.cancel()
         return _CANCELLED if stop in done else _DEADLINE
 
     async def abort(self, request_id: str) -> None:
