@@ -48,8 +48,9 @@ class SamplingParams:
 class GuidedDecoding:
     """Constrained decoding: the output must match this (xgrammar semantics in both engines).
 
-    Exactly one field is set. `json_schema` is JSON text; `json_object` asks for any JSON
-    object; `ebnf` is an xgrammar EBNF grammar (tool calls are compiled to one).
+    Exactly one field is set. `json_schema` is JSON text (a forced tool call is one too, see
+    service/tools.py); `json_object` asks for any JSON object, i.e. the schema
+    `service.grammar.JSON_OBJECT_SCHEMA`; `ebnf` is an xgrammar EBNF grammar.
     """
 
     json_schema: str | None = None
