@@ -8,6 +8,7 @@ can also be described by name (`--gpu H100-80GB`) from the table below.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -91,13 +92,39 @@ def parse_nvidia_smi(output: str) -> list[Gpu]:
     return gpus
 
 
-def detect_gpus() -> list[Gpu]:
-    """The local NVIDIA GPUs; [] where there are none (or no driver)."""
-    if shutil.which("nvidia-smi") is None:
+def visible(gpus: list[Gpu], cuda_visible_devices: str | None) -> list[Gpu]:
+    """nvidia-smi lists every GPU; CUDA (and so TensorRT-LLM) sees only CUDA_VISIBLE_DEVICES, when it lists
+    indices. UUIDs and other forms are left to the driver: then every GPU counts."""
+    if cuda_visible_devices is None:
+        return gpus
+    entries = [e.strip() for e in cuda_visible_devices.split(",") if e.strip()]
+    if not all(e.isdigit() for e in entries):
+        return gpus
+    return [gpus[int(e)] for e in entries if int(e) < len(gpus)]
+
+
+def _torch_gpus() -> list[Gpu]:
+    try:
+        import torch
+    except ImportError:
         return []
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        gpus.append(Gpu(props.name, (props.major, props.minor), props.total_memory))
+    return gpus
+
+
+def detect_gpus() -> list[Gpu]:
+    """The local NVIDIA GPUs CUDA can use: from nvidia-smi, or torch.cuda where nvidia-smi is absent;
+    [] where there are none (or no driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return _torch_gpus()
     try:
         done = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return []
-    return parse_nvidia_smi(done.stdout)
+    return visible(parse_nvidia_smi(done.stdout), os.environ.get("CUDA_VISIBLE_DEVICES"))

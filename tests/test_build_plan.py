@@ -23,7 +23,7 @@ from service.build.plan import (
     pytorch_dtype,
     weight_bytes,
 )
-from service.gpus import GIB, GpuError, detect_gpus, parse_gpu, parse_nvidia_smi
+from service.gpus import GIB, GpuError, detect_gpus, parse_gpu, parse_nvidia_smi, visible
 from service.manifest import load_manifest
 from service.profiles import load_profile
 
@@ -144,6 +144,14 @@ def test_gpu_descriptions_and_nvidia_smi_parsing() -> None:
     assert len(gpus) == 2 and gpus[0].architecture == "sm90" and round(gpus[0].memory_bytes / GIB, 1) == 79.6
     with pytest.raises(GpuError, match="unexpected nvidia-smi line"):
         parse_nvidia_smi("garbage")
+
+
+def test_only_gpus_cuda_can_see_count() -> None:
+    four = [parse_gpu("H100"), parse_gpu("H100"), parse_gpu("A100-80GB"), parse_gpu("A100-80GB")]
+    assert visible(four, None) == four
+    assert [g.name for g in visible(four, "2,0")] == ["A100-80GB", "H100-80GB"]
+    assert visible(four, "") == []
+    assert visible(four, "GPU-8c2a3f1e") == four, "UUIDs are the driver's to resolve"
 
 
 def _build_engine(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
