@@ -13,6 +13,7 @@ import grpc
 import httpx
 import jsonschema
 import pytest
+import torch
 from google.protobuf import struct_pb2
 from transformers import AutoTokenizer
 
@@ -208,3 +209,24 @@ def test_compiled_grammars_are_evicted_least_recently_used_first(monkeypatch: py
     assert cache.compiles == 3
     cache.get(guides[1])
     assert cache.compiles == 4
+
+
+def test_eos_is_allowed_only_where_the_document_may_end(engines_dir: Path) -> None:
+    from service.backends.reference.detokenizer import token_byte_table
+    from service.backends.reference.guided import Guides
+
+    tokenizer = AutoTokenizer.from_pretrained(engines_dir / "demo" / "checkpoint")
+    eos = tokenizer.eos_token_id
+    guides = Guides(tokenizer, len(tokenizer), {eos}, token_byte_table(tokenizer), torch.device("cpu"))
+    processor = guides.processor(GuidedDecoding(json_schema=json.dumps(
+        {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})))
+    newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]
+    for token in tokenizer.encode('{"ok": true}', add_special_tokens=False):
+        logits = torch.zeros(len(tokenizer))
+        processor.apply(logits)
+        assert logits[eos] == float("-inf") and logits[newline] == float("-inf") and logits[token] == 0
+        assert not processor.accept(token)
+    logits = torch.zeros(len(tokenizer))
+    processor.apply(logits)
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [eos]
+    assert processor.accept(eos)
