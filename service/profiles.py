@@ -14,8 +14,10 @@ cheapest profile that serves.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,39 @@ def load_profiles(profiles_dir: Path) -> list[Profile]:
     return profiles
 
 
+def artifact_checksum(folder: Path) -> dict[str, Any]:
+    """sha256 of every artifact (profile.json aside; links, such as a pytorch profile's checkpoint, are not
+    followed) and one digest over them all, to tell that a copied profile is whole."""
+    files: dict[str, str] = {}
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            if path.is_symlink() or path == folder / PROFILE_FILE:
+                continue
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            files[str(path.relative_to(folder))] = digest.hexdigest()
+    overall = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in sorted(files.items())).encode())
+    return {"algorithm": "sha256", "files": files, "digest": overall.hexdigest()}
+
+
+def damaged(profile: Profile) -> str | None:
+    """What differs from the checksum recorded at build time, or None when the artifacts are as built."""
+    recorded = profile.data.get("checksum")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), dict):
+        return "no checksum recorded"
+    actual = artifact_checksum(profile.path)["files"]
+    missing = sorted(set(recorded["files"]) - set(actual))
+    changed = sorted(f for f in actual if f in recorded["files"] and actual[f] != recorded["files"][f])
+    extra = sorted(set(actual) - set(recorded["files"]))
+    problems = [f"{label}: {', '.join(names)}" for label, names in
+                (("missing", missing), ("changed", changed), ("unexpected", extra)) if names]
+    return "; ".join(problems) or None
+
+
 def installed_trtllm_version() -> str | None:
     try:
         return importlib.metadata.version("tensorrt_llm")
@@ -205,6 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", help="describe the GPUs instead of detecting them, e.g. H100-80GB")
     parser.add_argument("--gpus", type=int, default=1, help="how many of --gpu")
     parser.add_argument("--trtllm-version", help="TensorRT-LLM version to match (default: the installed one)")
+    parser.add_argument("--verify", action="store_true", help="check every profile's artifacts against the "
+                        "checksums recorded at build time (reads every engine file)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -221,6 +258,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     version = args.trtllm_version or installed_trtllm_version()
     print(f"machine: {describe_machine(gpus, version)}")
+    failed = False
     for manifest in manifests:
         if manifest.backend != "tensorrt-llm":
             print(f"\n{manifest.name}: {manifest.backend} engine (no profiles)")
@@ -237,6 +275,11 @@ def main(args: argparse.Namespace) -> int:
             why = mismatch(p, gpus, version)
             mark = "* chosen" if p is chosen else ("  fits" if why is None else f"  no: {why}")
             print(f"  {p.id:<28} {p.runtime:<9} {p.precision:<5} tp{p.tensor_parallel_size:<3} {mark}")
+            if args.verify:
+                problem = damaged(p)
+                status = f"DAMAGED: {problem}" if problem else "artifacts match their checksums"
+                print(f"  {'':<28} {status}")
+                failed = failed or problem is not None
         if chosen is None:
             print("  none fits this machine")
-    return 0
+    return 1 if failed else 0

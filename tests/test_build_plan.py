@@ -263,3 +263,21 @@ def test_pytorch_build_of_a_16_bit_checkpoint_refuses_fp8(tmp_path: Path) -> Non
                          "pytorch", "--gpu", "H100", "--dtype", "fp8", "--engines-dir", str(tmp_path))
     assert done.returncode == 2
     assert "--dtype fp8:" in done.stderr and "holds bf16 weights" in done.stderr
+
+
+def test_profiles_verify_finds_damaged_artifacts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def fake_trtllm_build(plan: object, checkpoint: Path, out_dir: Path) -> dict[str, str]:
+        (out_dir / "rank0.engine").write_bytes(b"engine bytes")
+        return {"tensorrt_llm_version": "1.2.0", "tensorrt_version": "10.13.2"}
+
+    monkeypatch.setattr(build_trtllm, "detect_gpus", lambda: [parse_gpu("H100-80GB")])
+    monkeypatch.setattr(build_trtllm, "build_engine", fake_trtllm_build)
+    assert build_trtllm.run(build_args(tmp_path)) == 0
+    verify = [sys.executable, "-m", "service", "profiles", "--engines-dir", str(tmp_path), "--gpu", "H100",
+              "--trtllm-version", "1.2.0", "--verify"]
+    whole = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 0 and "artifacts match their checksums" in whole.stdout
+    (tmp_path / "tiny" / "profiles" / "tensorrt-sm90-bf16-tp1" / "rank0.engine").write_bytes(b"truncated")
+    damaged = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert damaged.returncode == 1
+    assert "DAMAGED: changed: rank0.engine" in damaged.stdout

@@ -11,7 +11,6 @@ TensorRT-LLM is imported inside the build alone, so planning works anywhere.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 from service.build.plan import BuildPlan, ModelArch, PlanError, load_arch, plan_build, pytorch_dtype
 from service.gpus import Gpu, GpuError, detect_gpus, parse_gpu
 from service.manifest import MANIFEST, ManifestError, ModelManifest, load_manifest, write_manifest
-from service.profiles import PROFILE_FILE, PYTORCH_MIN_VERSION
+from service.profiles import PROFILE_FILE, PYTORCH_MIN_VERSION, artifact_checksum
 
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
@@ -147,21 +146,6 @@ def build_engine(plan: BuildPlan, checkpoint: Path, out_dir: Path) -> dict[str, 
     return {"tensorrt_llm_version": tensorrt_llm.__version__, "tensorrt_version": tensorrt.__version__}
 
 
-def checksum(folder: Path) -> dict[str, Any]:
-    """sha256 of every artifact (profile.json aside) and one digest over them all, to tell a copy is whole."""
-    files: dict[str, str] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != PROFILE_FILE):
-        if path.is_symlink():
-            continue
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        files[str(path.relative_to(folder))] = digest.hexdigest()
-    overall = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in files.items()).encode()).hexdigest()
-    return {"algorithm": "sha256", "files": files, "digest": overall}
-
-
 def pytorch_min_architecture(precision: str) -> str:
     """A PyTorch-backend profile is not compiled for one GPU: it runs on any GPU its precision runs on."""
     return "sm89" if precision == "fp8" else "sm80"
@@ -183,7 +167,7 @@ def profile_record(args: argparse.Namespace, plan: BuildPlan, runtime: str, arch
         **versions,
         "build_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
         "plan": plan.to_json(),
-        "checksum": checksum(profile_dir),
+        "checksum": artifact_checksum(profile_dir),
         "created": int(time.time()),
     }
 
