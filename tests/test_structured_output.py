@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -184,15 +183,15 @@ async def test_rest_json_schema_answers_validate(server: Any) -> None:
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
 
 
-async def test_a_schema_is_compiled_once(server: Any, stub: chat_pb2_grpc.ChatServiceStub) -> None:
-    grammars = server.registry.get("demo").engine.core.guides.grammars
-    schema = {**SCHEMAS["nested"], "title": f"unique-{uuid.uuid4().hex}"}  # a schema no other test sent
-    before = grammars.compiles
-    for seed in range(3):
-        reply = await stub.CreateChatCompletion(chat(response_format=schema_format(schema), seed=seed,
-                                                     max_tokens=160))
-        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
-    assert grammars.compiles == before + 1
+def test_a_schema_is_compiled_once(engines_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(engines_dir / "demo" / "checkpoint")
+    cache = grammar.GrammarCache(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    text = json.dumps(SCHEMAS["nested"])
+    first = cache.get(GuidedDecoding(json_schema=text))
+    assert cache.get(GuidedDecoding(json_schema=text)) is first  # an equal request, not the same object
+    assert cache.compiles == 1
+    cache.get(GuidedDecoding(json_object=True))
+    assert cache.compiles == 2
 
 
 def test_compiled_grammars_are_evicted_least_recently_used_first(monkeypatch: pytest.MonkeyPatch,
