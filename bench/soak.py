@@ -57,7 +57,8 @@ class SoakServer:
         cmd = [sys.executable, "-m", "bench.soak_server", "--fault-every", str(fault_every), "--fault-report",
                str(self.report), "--engines-dir", str(engines_dir), "--host", "127.0.0.1", "--grpc-port",
                str(self.grpc_port), "--http-port", str(self.http_port), "--log-level", "warning",
-               "--max-running", "16", "--max-queue", "64"]
+               "--max-running", "16", "--max-queue", "64",
+               "--no-engine-process"]  # the fault hook is installed in the engine, in this process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
 
     def rss_mib(self) -> float:

@@ -41,7 +41,10 @@ class EngineConfig:
     prefix_caching: bool = opt(True, "reuse the KV of prompt prefixes already computed (whole blocks; chat "
                                      "templates give every conversation the same header)")
     max_queue: int = opt(256, "most requests waiting for admission; past it RESOURCE_EXHAUSTED (HTTP 429)")
-    threads: int = opt(0, "torch intra-op threads for the reference engine (0: torch's default)")
+    engine_process: bool = opt(True, "run the reference engine in a process of its own, so the server's event loop "
+                                     "never holds the GIL its steps need (off: a thread of the server's process)")
+    threads: int = opt(0, "torch intra-op threads for the reference engine (0: one per core but one, which is "
+                                  "left to the server's event loop and its clients)")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def one_shot(error: Exception) -> Callable[[set[str]], None]:
 
 
 async def test_a_failing_step_fails_its_streams_with_internal_while_queued_ones_finish(engines_dir) -> None:
-    engine = EngineConfig(max_running=2, max_queue=8, max_cache_tokens=8192)
+    engine = EngineConfig(max_running=2, max_queue=8, max_cache_tokens=8192, engine_process=False)  # hooks in
     async with running_server(server_config(engines_dir, engine=engine)) as srv, \
             grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
         stub = chat_pb2_grpc.ChatServiceStub(ch)
@@ -87,7 +87,8 @@ async def test_a_failing_step_fails_its_streams_with_internal_while_queued_ones_
 
 
 async def test_a_fatal_engine_error_flips_health_to_not_serving(engines_dir) -> None:
-    async with running_server(server_config(engines_dir)) as srv, \
+    engine = EngineConfig(max_running=32, max_queue=64, max_cache_tokens=16384, engine_process=False)  # hooks in
+    async with running_server(server_config(engines_dir, engine=engine)) as srv, \
             grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch, \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.config.server.http_port}") as http:
         stub = chat_pb2_grpc.ChatServiceStub(ch)

@@ -50,7 +50,7 @@ def assert_same(got: list[tuple[list[int], list[float]]], want: list[tuple[list[
 
 
 async def started(engines_dir: Path, **config: object) -> ReferenceEngine:
-    engine = ReferenceEngine(load_manifest(engines_dir / "demo"), EngineConfig(**config))  # type: ignore[arg-type]
+    engine = ReferenceEngine(load_manifest(engines_dir / "demo"), EngineConfig(engine_process=False, **config))  # type: ignore[arg-type]
     await engine.start()
     return engine
 

@@ -33,7 +33,8 @@ PROMPT = [0, 2, 1100, 3, 271, 40, 1002, 333, 400, 17, 4, 2, 78, 3, 271]
 
 @pytest.fixture(scope="module")
 async def engine(engines_dir: Path) -> AsyncIterator[ReferenceEngine]:
-    eng = ReferenceEngine(load_manifest(engines_dir / "demo"), EngineConfig(max_running=32, max_cache_tokens=16384))
+    eng = ReferenceEngine(load_manifest(engines_dir / "demo"), EngineConfig(max_running=32, max_cache_tokens=16384,
+                                                                          engine_process=False))
     await eng.start()
     yield eng
     await eng.shutdown()

@@ -118,6 +118,9 @@ class EngineError(RuntimeError):
         super().__init__(message)
         self.fatal = fatal
 
+    def __reduce__(self) -> tuple:  # pickled by the engine process: as a plain EngineError, keeping `fatal`
+        return (EngineError, (str(self),), {"fatal": self.fatal})
+
 
 class QueueFull(RuntimeError):
     """Admission refused: the waiting queue is at its bound. Raised before any event."""
@@ -130,6 +133,9 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+    def __reduce__(self) -> tuple:
+        return (InvalidRequest, (self.field, self.message))
 
 
 @dataclass(frozen=True, slots=True)

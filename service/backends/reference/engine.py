@@ -1,13 +1,14 @@
 """The reference engine behind the async Engine interface.
 
-The model loads and steps in one dedicated thread (torch releases the GIL in
-its kernels, so the event loop keeps serving RPCs meanwhile). That thread is
-the only one that ever runs torch: on a small machine a second thread's
-OpenMP team spinning beside it makes every step about twice as slow
-(measured here: 1.1 ms against 4 ms for a batch-1 step). Requests and aborts
-reach that thread through a queue between steps; each step's events come back
-to the event loop in a single call_soon_threadsafe, and are fanned out to the
-per-request queues that `generate` streams from.
+The model, its KV cache and the step loop (engine_loop.py) live either in a
+process of their own (the default, `--engine-process`: see engine_process.py
+for why) or in one dedicated thread of the server's process (what tests use
+to reach into the engine). Either way a single thread runs torch: on a small
+machine a second thread's OpenMP team spinning beside it makes every step
+about twice as slow (measured here: 1.1 ms against 4 ms for a batch-1 step).
+Requests and aborts reach the loop between steps; each step's events come
+back to the event loop in one batch and are fanned out to the per-request
+queues that `generate` streams from.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,14 +36,14 @@ from service.backends.base import (
     ProfileInfo,
     QueueFull,
 )
-from service.backends.reference.llm_engine import Emitted, LLMEngine, StepFailed
+from service.backends.reference import engine_process
+from service.backends.reference.engine_loop import STOP, Command, EngineLoop, Posted
+from service.backends.reference.engine_process import Snapshot, engine_threads, profile_of
+from service.backends.reference.llm_engine import LLMEngine
 from service.config import EngineConfig
 from service.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
-
-_STOP = object()
-MAX_CONSECUTIVE_FAILURES = 3
 
 
 class ReferenceEngine(Engine):
@@ -50,15 +51,18 @@ class ReferenceEngine(Engine):
         self._manifest = manifest
         self._config = config
         self.tokenizer: Any = AutoTokenizer.from_pretrained(manifest.checkpoint)
-        self._core: LLMEngine | None = None
-        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._core: LLMEngine | None = None       # thread mode
+        self._loop_state: EngineLoop | None = None
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._process: multiprocessing.process.BaseProcess | None = None  # process mode
+        self._conn: Any = None
+        self._snapshot: Snapshot | None = None
         self._streams: dict[str, asyncio.Queue[list[Event] | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # The waiting queue's length is (submitted - applied) + the scheduler's waiting groups; each counter
-        # has a single writer (the event loop, the engine thread), so reading them needs no lock.
+        # has a single writer (the event loop, the engine loop), so reading them needs no lock.
         self._submitted = 0
-        self._applied = 0
         self._health = EngineHealth(False, "not started")
         self._profile: ProfileInfo | None = None
 
@@ -69,112 +73,113 @@ class ReferenceEngine(Engine):
 
     @property
     def core(self) -> LLMEngine:
-        assert self._core is not None, "start() first"
+        """The engine's internals, reachable in thread mode only (tests inspect and instrument them)."""
+        assert self._core is not None, "start() first, with --no-engine-process"
         return self._core
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        loaded: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self._manifest.name}",
+        loaded: asyncio.Future[ProfileInfo] = self._loop.create_future()
+        if self._config.engine_process:
+            context = multiprocessing.get_context("spawn")  # never fork a process that has threads and torch
+            self._conn, child = context.Pipe()
+            self._process = context.Process(target=engine_process.main, args=(child, self._manifest, self._config),
+                                            name=f"engine-{self._manifest.name}", daemon=True)
+            self._process.start()
+            child.close()
+            target: Any = self._read
+        else:
+            target = self._run
+        self._thread = threading.Thread(target=target, args=(loaded,), name=f"engine-{self._manifest.name}",
                                         daemon=True)
         self._thread.start()
-        await loaded
-        device = self.core.device
-        arch = "cpu"
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            arch = f"sm{major}{minor}"
-        precision = str(self.core.dtype).removeprefix("torch.")
-        self._profile = ProfileInfo(f"reference-{arch}-{precision}", arch, precision)
+        self._profile = await loaded
         self._health = EngineHealth(True)
 
-    # -- the engine thread -------------------------------------------------------------------------------
+    # -- thread mode: the loop runs here -----------------------------------------------------------------------
 
-    def _load(self, loaded: asyncio.Future[None]) -> bool:
+    def _run(self, loaded: asyncio.Future[ProfileInfo]) -> None:
         assert self._loop is not None
         try:
-            if self._config.threads:
-                torch.set_num_threads(self._config.threads)
+            torch.set_num_threads(engine_threads(self._config))
             self._core = LLMEngine(self._manifest.checkpoint, self.tokenizer, self._config)
         except Exception as e:
             self._loop.call_soon_threadsafe(loaded.set_exception, e)
-            return False
-        self._loop.call_soon_threadsafe(loaded.set_result, None)
-        return True
-
-    def _run(self, loaded: asyncio.Future[None]) -> None:
-        if not self._load(loaded):
             return
+        self._loop.call_soon_threadsafe(loaded.set_result, profile_of(self._core))
+        self._loop_state = EngineLoop(self._core, self._receive, self._post, self._fail)
         try:
-            self._loop_steps()
+            self._loop_state.run()
         except Exception as e:  # a bug outside a step: nothing can be trusted any more, so say so everywhere
             log.exception("engine loop died")
-            self._health = EngineHealth(False, f"engine loop died: {type(e).__name__}: {e}")
-            self._fail_all(EngineError(self._health.detail, fatal=True))
+            self._fail(EngineError(f"engine loop died: {type(e).__name__}: {e}", fatal=True))
 
-    def _loop_steps(self) -> None:
-        core = self.core
-        failures = 0
+    def _receive(self, timeout: float | None) -> Command | None:
+        try:
+            return self._commands.get(timeout=timeout) if timeout != 0 else self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
+    # -- process mode: this thread reads what the engine process sends -----------------------------------------
+
+    def _read(self, loaded: asyncio.Future[ProfileInfo]) -> None:
+        assert self._loop is not None and self._conn is not None
+        try:
+            kind, value = self._conn.recv()
+        except (EOFError, OSError):
+            kind, value = "load_failed", f"the engine process exited (code {self._exit_code()})"
+        if kind == "load_failed":
+            self._loop.call_soon_threadsafe(loaded.set_exception, RuntimeError(f"engine failed to load: {value}"))
+            return
+        self._loop.call_soon_threadsafe(loaded.set_result, value)
         while True:
-            out: Emitted = []
             try:
-                # Block while nothing runs: indefinitely when idle, briefly (for deadlines) when requests wait.
-                running = bool(core.scheduler.running)
-                command = self._commands.get(block=not running, timeout=0.05 if core.has_work() else None)
-            except queue.Empty:
-                command = None
-            while command is not None:
-                if command is _STOP:
-                    self._fail_all(EngineError("the engine shut down"))
-                    return
-                out += self._apply(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            out += core.expire(time.monotonic())
-            try:
-                out += core.step()
-                failures = 0
-            except StepFailed as e:
-                failures += 1
-                log.exception("engine step failed", extra={"requests": sorted(e.request_ids)})
-                core.fail(e.request_ids)
-                self._post([(rid, e) for rid in e.request_ids])
-                if e.fatal or failures >= MAX_CONSECUTIVE_FAILURES:
-                    why = "fatal engine error" if e.fatal else f"{failures} consecutive step failures"
-                    self._health = EngineHealth(False, f"{why}: {e}")
-                    self._fail_all(EngineError(str(e), fatal=True))
-                    return
-            if out:
-                self._post(out)
+                kind, value, self._snapshot = self._conn.recv()
+            except (EOFError, OSError):
+                if self._health.ok:  # not a shutdown: the engine process died
+                    self._fail(EngineError(f"the engine process died (exit code {self._exit_code()})", fatal=True))
+                return
+            if kind == "events":
+                self._post(value)
+            else:
+                self._fail(value)
+                return
 
-    def _apply(self, command: tuple[str, Any]) -> Emitted:
-        kind, arg = command
-        if kind == "add":
-            self._applied += 1
-            return self.core.add(arg)
-        return self.core.abort(arg)
+    def _exit_code(self) -> int | None:
+        assert self._process is not None
+        self._process.join(5)
+        return self._process.exitcode
 
-    def _post(self, events: list[tuple[str, Event | BaseException]]) -> None:
+    def _send(self, command: Command) -> None:
+        if self._conn is None:
+            self._commands.put(command)
+            return
+        with contextlib.suppress(OSError):  # the engine process is gone; its reader fails the streams
+            self._conn.send(command)
+
+    # -- both modes -----------------------------------------------------------------------------------------
+
+    def _post(self, events: Posted) -> None:
         assert self._loop is not None
+        if not events:
+            return
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
             self._loop.call_soon_threadsafe(self._dispatch, events)
 
-    def _fail_all(self, error: EngineError) -> None:
-        """Fails every stream open when the event loop gets to it. Health is already not ok by then, so a request
-        submitted later is refused by `generate`, and none can slip in between and wait forever."""
+    def _fail(self, error: EngineError) -> None:
+        """Fails every stream open when the event loop gets to it. A fatal error marks the engine unhealthy
+        first, so a request submitted later is refused by `generate`, and none can slip in and wait forever."""
         assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+        if error.fatal:
+            self._health = EngineHealth(False, str(error))
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._fail_streams, error)
 
     def _fail_streams(self, error: EngineError) -> None:
         for stream in self._streams.values():
             stream.put_nowait(error)
 
-    # -- the event loop side -----------------------------------------------------------------------------
-
-    def _dispatch(self, events: list[tuple[str, Event | BaseException]]) -> None:
+    def _dispatch(self, events: Posted) -> None:
         batches: dict[str, list[Event]] = {}
         for request_id, event in events:
             stream = self._streams.get(request_id)
@@ -190,9 +195,10 @@ class ReferenceEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if not self._health.ok:
             raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
-        if request.guided is not None:  # compiling a grammar takes milliseconds to seconds: off the event loop
-            await asyncio.to_thread(self.core.guides.check, request.guided)
-        self.core.check(request)
+        if self._core is not None:  # thread mode checks now; the engine process checks on arrival
+            if request.guided is not None:  # compiling a grammar takes milliseconds to seconds: off the event loop
+                await asyncio.to_thread(self._core.guides.check, request.guided)
+            self._core.check(request)
         waiting = self._queued()
         if waiting >= self._config.max_queue:
             raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._config.max_queue})")
@@ -201,7 +207,7 @@ class ReferenceEngine(Engine):
             request.request_id = f"{request.request_id}-{id(request):x}"
         stream: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
         self._streams[request.request_id] = stream
-        self._commands.put(("add", request))
+        self._send(("add", request))
         finished = 0
         try:
             while finished < request.n:
@@ -214,27 +220,29 @@ class ReferenceEngine(Engine):
                     yield event
         finally:
             del self._streams[request.request_id]
-            if finished < request.n and self._thread and self._thread.is_alive():
-                self._commands.put(("abort", request.request_id))
+            if finished < request.n and self._health.ok:
+                self._send(("abort", request.request_id))
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._send(("abort", request_id))
 
-    def _waiting(self) -> int:
-        return self._submitted - self._applied + len(self.core.scheduler.waiting)
+    def _counters(self) -> Snapshot:
+        if self._core is not None:
+            s, blocks = self._core.scheduler, self._core.scheduler.blocks
+            applied = self._loop_state.applied if self._loop_state else 0
+            return Snapshot(len(s.running), len(s.waiting), applied, blocks.used, blocks.num_blocks, blocks.hit_rate,
+                            s.max_running)
+        return self._snapshot or Snapshot(0, 0, 0, 0, 0, 0.0, self._config.max_running)
 
     def _queued(self) -> int:
         """Requests that will have to wait: those not running, less the running slots still free for them."""
-        free = max(0, self.core.scheduler.max_running - len(self.core.scheduler.running))
-        return max(0, self._waiting() - free)
+        c = self._counters()
+        return max(0, self._submitted - c.applied + c.waiting - max(0, c.max_running - c.running))
 
     def stats(self) -> EngineStats:
-        core = self._core
-        if core is None:
-            return EngineStats(0, 0, 0, 0)
-        blocks = core.scheduler.blocks
-        return EngineStats(len(core.scheduler.running), self._waiting(), blocks.used, blocks.num_blocks,
-                           blocks.hit_rate)
+        c = self._counters()
+        return EngineStats(c.running, self._submitted - c.applied + c.waiting, c.kv_blocks_used, c.kv_blocks_total,
+                           c.prefix_cache_hit_rate)
 
     def health(self) -> EngineHealth:
         return self._health
@@ -242,6 +250,11 @@ class ReferenceEngine(Engine):
     async def shutdown(self) -> None:
         self._health = EngineHealth(False, "shutting down")  # before the stop, so no request is added after it
         if self._thread and self._thread.is_alive():
-            self._commands.put(_STOP)
+            self._send(STOP)
             await asyncio.to_thread(self._thread.join, 30)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.join, 10)
+            if self._process.is_alive():
+                self._process.kill()
+            self._conn.close()
         self._health = EngineHealth(False, "shut down")
