@@ -27,6 +27,7 @@ from service.config import Config
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.grpc_decode import DecodeErrorsAsInvalidArgument
 from service.logs import setup_logging
+from service.manifest import ManifestError
 from service.metrics import ENGINE_GAUGES
 from service.models import ModelRegistry
 from service.servicer import ChatServicer, Phase, ServingState
@@ -127,7 +128,11 @@ class LlmServer:
 async def serve(config: Config, on_serving: Callable[[LlmServer], None] | None = None) -> int:
     """Runs until SIGTERM or SIGINT, then drains. `on_serving` sees the loaded server (the soak's fault injector)."""
     setup_logging(config.server.log_level)
-    server = LlmServer(config)
+    try:
+        server = LlmServer(config)
+    except ManifestError as e:
+        log.error("cannot serve: %s", e, extra={"error": "ManifestError"})
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,7 +141,11 @@ async def serve(config: Config, on_serving: Callable[[LlmServer], None] | None =
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
-        loading.result()
+        if loading.exception() is not None:  # a model that cannot load: say why in one line, not a traceback
+            error = loading.exception()
+            log.error("cannot serve: %s", error, extra={"error": type(error).__name__})
+            await server.shutdown()
+            return 1
         if on_serving:
             on_serving(server)
         await stopped

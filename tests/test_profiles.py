@@ -144,3 +144,15 @@ def test_built_profile_is_listed_and_chosen_by_the_cli(tmp_path: Path) -> None:
                    "--trtllm-version", "1.2.0")
     assert "no: needs TensorRT-LLM 1.3 or later, installed 1.2.0" in refused.stdout
     assert "none fits this machine" in refused.stdout
+
+
+def test_serve_refuses_a_model_no_profile_fits_in_one_line(tmp_path: Path) -> None:
+    """No GPU here: the server names what it found and what the profile needs, exits 1, shows no traceback."""
+    built = _run("build_engine.py", "--model", str(ROOT / "engines" / "demo" / "checkpoint"), "--name", "tiny",
+                 "--backend", "pytorch", "--gpu", "L4", "--engines-dir", str(tmp_path))
+    assert built.returncode == 0, built.stderr
+    served = _run("-m", "service", "serve", "--engines-dir", str(tmp_path), "--grpc-port", "0", "--http-port", "0",
+                  "--host", "127.0.0.1")
+    assert served.returncode == 1
+    assert "Traceback" not in served.stderr
+    assert "cannot serve" in served.stderr and "pytorch-sm80-bf16-tp1" in served.stderr, served.stderr
