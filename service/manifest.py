@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.json_file import read_object, typed
+
 BACKENDS = ("reference", "tensorrt-llm")
 MANIFEST = "manifest.json"
 
@@ -75,22 +77,12 @@ class ModelManifest:
 
 
 def _require(data: dict[str, Any], key: str, kind: type, where: Path) -> Any:
-    value = data.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ManifestError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
-    return value
+    return typed(data, key, kind, where, ManifestError)
 
 
 def load_manifest(model_dir: Path) -> ModelManifest:
     path = model_dir / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{model_dir}: no {MANIFEST}") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: must be a JSON object")
+    data = read_object(path, ManifestError, f"{model_dir}: no {MANIFEST}")
     backend = _require(data, "backend", str, path)
     if backend not in BACKENDS:
         raise ManifestError(f"{path}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

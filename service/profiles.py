@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.gpus import GIB, Gpu, GpuError, detect_gpus, parse_gpu
+from service.json_file import read_object, typed
 
 PROFILE_FILE = "profile.json"
 RUNTIMES = ("tensorrt", "pytorch")
@@ -72,22 +72,12 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _field(data: dict[str, Any], key: str, kind: type, where: Path) -> Any:
-    value = data.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProfileError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
-    return value
+    return typed(data, key, kind, where, ProfileError)
 
 
 def load_profile(folder: Path) -> Profile:
     path = folder / PROFILE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProfileError(f"{folder}: no {PROFILE_FILE}") from None
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: must be a JSON object")
+    data = read_object(path, ProfileError, f"{folder}: no {PROFILE_FILE}")
     runtime = _field(data, "runtime", str, path)
     if runtime not in RUNTIMES:
         raise ProfileError(f"{path}: 'runtime' must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
