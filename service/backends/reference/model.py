@@ -108,6 +108,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one call: a small model's step is bound by the number of operations
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -138,10 +140,10 @@ class Attention(nn.Module):
         elif batch.decode_kv is not None:
             dk, dv = batch.decode_kv[layer]
             d, rows, positions = len(batch.decode_rows), batch.decode_rows, batch.decode_positions
-            dk[rows, :, positions] = k[rows]
-            dv[rows, :, positions] = v[rows]
+            dk[rows, :, positions] = k[:d]  # decode tokens come first, in row order: slices, not gathers
+            dv[rows, :, positions] = v[:d]
             span = batch.decode_mask.shape[-1]
-            od = F.scaled_dot_product_attention(q[rows].unsqueeze(2), dk[:d, :, :span], dv[:d, :, :span],
+            od = F.scaled_dot_product_attention(q[:d].unsqueeze(2), dk[:d, :, :span], dv[:d, :, :span],
                                                 attn_mask=batch.decode_mask, enable_gqa=True)  # [D, H, 1, hd]
         else:
             kd = batch.gather(k_cache, batch.decode_blocks).transpose(1, 2)     # [D, KVH, L, hd]
