@@ -27,15 +27,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bench.peers import PEERS, PEERS_DIR, PeerServer, install
 from bench.report import update_doc
+from service.healthcheck import wait_serving
 from service.loadgen import Level, Workload, metadata, print_table, run_target, write_json
 from service.loadgen_clients import Target
 from service.loadgen_plot import plot
@@ -67,20 +64,7 @@ class LlmserveServer:
                                      start_new_session=True)
 
     def wait_serving(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"llmserve exited {self.proc.returncode}; see {self._log.name}")
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"llmserve not serving after {timeout:.0f} s")
+        wait_serving(f"127.0.0.1:{self.grpc_port}", self.proc, timeout, lambda: f"see {self._log.name}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
+from service.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -232,22 +233,6 @@ async def soak(args: argparse.Namespace, server: SoakServer) -> dict[str, Any]:
             "tally": load.tally, "seconds": round(time.monotonic() - started, 1)}
 
 
-async def wait_serving(server: SoakServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
-        health = health_pb2_grpc.HealthStub(ch)
-        for _ in range(600):
-            if server.proc.poll() is not None:
-                raise SystemExit(f"the server exited: {server.log.read_text()[-2000:]}")
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit("the server did not become SERVING in 60 s")
-
-
 def plot(samples: list[dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -286,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         server = SoakServer(args.engines_dir, args.fault_every, Path(tmp))
         try:
-            asyncio.run(wait_serving(server))
+            try:
+                wait_serving(f"127.0.0.1:{server.grpc_port}", server.proc, 60, lambda: server.log.read_text()[-2000:])
+            except (RuntimeError, TimeoutError) as e:
+                raise SystemExit(str(e)) from None
             print(f"soaking for {args.minutes:g} min at {args.concurrency} concurrent requests", flush=True)
             run = asyncio.run(soak(args, server))
         finally:

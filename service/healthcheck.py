@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +21,21 @@ def check(address: str, service: str = "", timeout: float = 2.0) -> str:
         except grpc.RpcError as e:
             return e.code().name  # type: ignore[attr-defined]
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_serving(address: str, process: subprocess.Popen[Any], timeout: float,
+                 detail: Callable[[], str] | None = None) -> None:
+    """Polls health until the server started as `process` says SERVING. Loading a model takes seconds to minutes;
+    a server that exits meanwhile is reported at once (with `detail()`, e.g. its log), not waited out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before serving"
+                               + (f": {detail()}" if detail else ""))
+        if check(address, timeout=1) == "SERVING":
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the server at {address} was not SERVING after {timeout:.0f} s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import Config, EngineConfig, ServerConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
+from service.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,20 +117,7 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     async def wait_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.address) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise TimeoutError("server did not become SERVING")
+        await asyncio.to_thread(wait_serving, self.address, self.proc, timeout, self.proc.stdout.read)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.gen.llmserve.v1 import chat_pb2
+from service.healthcheck import wait_serving
 from tests.conftest import ROOT, free_port
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
@@ -53,16 +53,7 @@ class Fuzzed:
         return health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
     def wait_serving(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if self.health() == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("the server did not become SERVING")
+        wait_serving(f"127.0.0.1:{self.grpc_port}", self.proc, 60, self.log.read_text)
 
     def raw(self, method: str, body: bytes) -> tuple[grpc.StatusCode, list[Any], grpc.RpcError | None]:
         """Sends bytes as the request message, as a client with another idea of the schema would."""
