@@ -38,7 +38,7 @@ from service.backends.base import (
 )
 from service.backends.reference import engine_process
 from service.backends.reference.engine_loop import STOP, Command, EngineLoop, Posted
-from service.backends.reference.engine_process import Snapshot, engine_threads, profile_of
+from service.backends.reference.engine_process import Snapshot, engine_threads, profile_of, snapshot
 from service.backends.reference.llm_engine import LLMEngine
 from service.config import EngineConfig
 from service.manifest import ModelManifest
@@ -195,10 +195,10 @@ class ReferenceEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if not self._health.ok:
             raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
-        if self._core is not None:  # thread mode checks now; the engine process checks on arrival
-            if request.guided is not None:  # compiling a grammar takes milliseconds to seconds: off the event loop
-                await asyncio.to_thread(self._core.guides.check, request.guided)
-            self._core.check(request)
+        if self._core is not None and request.guided is not None:
+            # Compiled here, off the event loop and off the engine thread, so the loop finds it cached; in the
+            # engine process it compiles on arrival. Either way the loop refuses what cannot run.
+            await asyncio.to_thread(self._core.guides.check, request.guided)
         waiting = self._queued()
         if waiting >= self._config.max_queue:
             raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._config.max_queue})")
@@ -228,10 +228,7 @@ class ReferenceEngine(Engine):
 
     def _counters(self) -> Snapshot:
         if self._core is not None:
-            s, blocks = self._core.scheduler, self._core.scheduler.blocks
-            applied = self._loop_state.applied if self._loop_state else 0
-            return Snapshot(len(s.running), len(s.waiting), applied, blocks.used, blocks.num_blocks, blocks.hit_rate,
-                            s.max_running)
+            return snapshot(self._core, self._loop_state.applied if self._loop_state else 0)
         return self._snapshot or Snapshot(0, 0, 0, 0, 0, 0.0, self._config.max_running)
 
     def _queued(self) -> int:

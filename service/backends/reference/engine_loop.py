@@ -74,6 +74,6 @@ class EngineLoop:
             try:
                 self.core.check(arg)
                 return self.core.add(arg)
-            except InvalidRequest as e:  # a process-mode engine checks here, not before submission
+            except InvalidRequest as e:  # raised on the request's stream, before any event
                 return [(arg.request_id, e)]
         return self.core.abort(arg)
