@@ -10,16 +10,18 @@ FROM python:3.11-slim AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     LLMSERVE_HOST=0.0.0.0 LLMSERVE_ENGINES_DIR=/app/engines
 WORKDIR /app
-# The CPU wheel, pinned: an unpinned torch pulls gigabytes of CUDA wheels.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# Exactly the versions `make install` installs, hashes checked: requirements.lock (torch is its CPU wheel, from
+# PyTorch's CPU index; an unpinned torch pulls gigabytes of CUDA wheels).
+COPY requirements.lock ./
+RUN pip install pip==26.3 \
+    && pip install --require-hashes --no-deps --extra-index-url https://download.pytorch.org/whl/cpu \
+       -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY proto/ proto/
 COPY service/ service/
 COPY build_engine.py ./
-# hadolint ignore=DL3013
-RUN pip install ".[dev]" \
-    && python proto/generate.py \
-    && pip install --no-deps . \
+RUN python proto/generate.py \
+    && pip install --no-deps --no-build-isolation . \
     && python build_engine.py --demo \
     && useradd --create-home --uid 10001 llmserve \
     && chown -R llmserve /app
@@ -34,16 +36,16 @@ FROM ${TRTLLM_IMAGE} AS trtllm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     LLMSERVE_HOST=0.0.0.0 LLMSERVE_ENGINES_DIR=/app/engines LLMSERVE_DEVICE=cuda
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY proto/ proto/
 COPY service/ service/
 COPY build_engine.py ./
-# The container's own torch and TensorRT-LLM stay: install the project without touching them.
+# The container's own torch and TensorRT-LLM stay: install the project without touching them, and the serving
+# packages it lacks at the versions requirements.lock pins.
 # hadolint ignore=DL3013
 RUN pip install --no-deps . \
-    && pip install "grpcio>=1.66" "grpcio-health-checking>=1.66" "grpcio-reflection>=1.66" "grpcio-status>=1.66" \
-       "grpcio-tools>=1.66" "protovalidate>=2.1,<3" "googleapis-common-protos>=1.63" "prometheus-client>=0.20" \
-       "starlette>=0.40" "uvicorn>=0.30" "jsonschema>=4.21" "httpx>=0.27" \
+    && pip install -c requirements.lock grpcio grpcio-health-checking grpcio-reflection grpcio-status \
+       grpcio-tools protovalidate googleapis-common-protos prometheus-client starlette uvicorn jsonschema httpx \
     && python proto/generate.py \
     && pip install --no-deps . \
     && useradd --create-home --uid 10001 llmserve \

@@ -4,17 +4,49 @@ VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install proto serve test lint proto-lint node-deps bench soak demo clean
+# Every install takes exactly what requirements.lock pins, hashes checked (`make lock` regenerates it from
+# pyproject.toml's ranges). torch is the local CPU wheel (2.13.0+cpu, found through pip's find-links):
+# anything looser pulls gigabytes of CUDA wheels.
+LOCK       := requirements.lock
+PIP        := pip==26.3
+UV         := uv==0.13.9
+TOOLS      := build/tools
+WHEELS     ?= /opt/wheels
+LATEST_DIR := build/latest
+
+.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo clean
 
 install: $(VENV)/.installed service/gen/__init__.py
 
-# torch goes first and pinned: 2.13.0 is the local CPU wheel, anything looser pulls CUDA wheels.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(PIP)
+ifeq ($(UNLOCKED),1)
+	$(BIN)/python -m pip install -q torch==2.13.0 setuptools
 	$(BIN)/python -m pip install -q -e '.[dev]'
+else
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+endif
 	touch $@
+
+# The lock for Linux x86-64 and Python 3.11, as CI and the cpu image run; `make lock-check` (part of
+# `make test`) fails when it no longer agrees with pyproject.toml.
+lock:
+	test -x $(TOOLS)/bin/uv || ($(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q $(UV))
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade --quiet \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(WHEELS) \
+	  --no-header --output-file $(LOCK)
+
+lock-check: $(VENV)/.installed
+	$(BIN)/python .ci/lock_check.py
+
+# The whole suite against the newest releases pyproject.toml's ranges allow, in a throwaway clone of HEAD with
+# its own venv: run it weekly and before `make lock`, so an upstream release that breaks llmserve is found here.
+test-latest:
+	rm -rf $(LATEST_DIR)
+	git clone -q . $(LATEST_DIR)
+	$(MAKE) -C $(LATEST_DIR) test UNLOCKED=1
 
 service/gen/__init__.py: proto/llmserve/v1/chat.proto proto/generate.py $(VENV)/.installed
 	$(BIN)/python proto/generate.py
@@ -40,11 +72,11 @@ lint: install proto-lint
 
 node-deps: tests/node/node_modules/.installed
 
-tests/node/node_modules/.installed: tests/node/package.json
-	cd tests/node && npm install --no-audit --no-fund --silent
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --silent
 	touch $@
 
-test: install demo lint node-deps
+test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo lint node-deps
 	$(BIN)/pytest -q -ra
 
 bench: install demo
