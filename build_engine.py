@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.build import demo, reference
+from service.repository.build import demo, reference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.build_demo(args.engines_dir / "demo")
         return 0
     if args.plan or args.backend != "reference":
-        from service.build import trtllm  # only here: planning and building never load for the demo
+        from service.repository.build import trtllm  # only here: planning and building never load for the demo
 
         return trtllm.run(args)
     if not args.model or not args.name:

@@ -69,7 +69,7 @@ def measure_engine(concurrency: int, prompt_tokens: int, new_tokens: int, second
     from service.backends.base import GenerationRequest, SamplingParams, TokenDelta
     from service.backends.reference import ReferenceEngine
     from service.config import EngineConfig
-    from service.manifest import load_manifest
+    from service.repository.manifest import load_manifest
 
     async def run() -> dict:
         engine = ReferenceEngine(load_manifest(DEMO), EngineConfig(max_running=max(32, concurrency)))

@@ -33,10 +33,10 @@ from typing import Any
 from bench.peers import PEERS, PEERS_DIR, PeerServer, install
 from bench.report import update_doc
 from service.healthcheck import wait_serving
-from service.loadgen import Level, Workload, metadata, print_table, run_target, write_json
-from service.loadgen_clients import Target
-from service.loadgen_plot import plot
-from service.loadgen_workload import load_tokenizer, synthetic_conversations
+from service.loadgen.clients import Target
+from service.loadgen.plot import plot
+from service.loadgen.runner import Level, Workload, metadata, print_table, run_target, write_json
+from service.loadgen.workload import load_tokenizer, synthetic_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
@@ -86,8 +86,8 @@ def templated_length(conversations: list[list[dict[str, str]]]) -> int:
     """Mean prompt length in tokens once the demo's chat template has rendered the conversations."""
     from transformers import AutoTokenizer
 
-    from service.chat_template import ChatTemplate
-    from service.manifest import load_manifest
+    from service.models.template import ChatTemplate
+    from service.repository.manifest import load_manifest
 
     manifest = load_manifest(ENGINES / "demo")
     template = ChatTemplate(AutoTokenizer.from_pretrained(manifest.checkpoint), manifest.chat_template)

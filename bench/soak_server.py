@@ -2,8 +2,8 @@
 
     python -m bench.soak_server --fault-every 15 --fault-report faults.json <llmserve serve flags>
 
-Not a service entry point: it installs LLMEngine.test_fault_hook (named for tests) on every reference engine once
-the server is serving. A fault fails the step it hits, exactly as a failing forward pass would; the count of
+Not a service entry point: it injects a fault (bench/faults.py) into every reference engine once the server is
+serving. A fault fails the step it hits, exactly as a failing forward pass would; the count of
 injected faults is written to --fault-report when the server has drained.
 """
 
@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from bench.faults import inject
 from service.config import add_config_arguments, config_from_args
 from service.server import LlmServer, serve
 
@@ -47,7 +48,7 @@ def main() -> int:
     def install(server: LlmServer) -> None:
         for model in server.registry:
             fault = PeriodicFault(args.fault_every)
-            model.engine.core.test_fault_hook = fault  # type: ignore[attr-defined]
+            inject(model.engine.core, fault)  # type: ignore[attr-defined]
             faults.append(fault)
 
     code = asyncio.run(serve(config_from_args(args), on_serving=install))

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import sys
 
-from service import healthcheck, loadgen, profiles
+from service import healthcheck
 from service.config import add_config_arguments, config_from_args
+from service.loadgen import runner as loadgen
+from service.repository import profiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return loadgen.main(args)
     if args.command == "rest":
-        from service.upstream import serve_rest
+        from service.rest.upstream import serve_rest
 
         return asyncio.run(serve_rest(config_from_args(args)))
     if args.command == "serve":

@@ -20,22 +20,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from service import rest
+from service.admission import Admission, Phase
 from service.backends.base import EngineStats
-from service.chat import ChatCompletions
+from service.chat.completions import ChatCompletions
 from service.config import Config
-from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
-from service.grpc_decode import DecodeErrorsAsInvalidArgument
+from service.gen.llmserve.v1 import chat_pb2_grpc
+from service.grpc_api import CHAT_SERVICE
+from service.grpc_api.decode import DecodeErrorsAsInvalidArgument
+from service.grpc_api.servicer import ChatServicer
 from service.logs import setup_logging
-from service.manifest import ManifestError
 from service.metrics import ENGINE_GAUGES
-from service.models import ModelRegistry
-from service.servicer import ChatServicer, Phase, ServingState
+from service.models.registry import ModelRegistry
+from service.repository.manifest import ManifestError
+from service.rest import app as rest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llmserve.server")
 
 ENGINE_WATCH_INTERVAL = 0.25  # seconds between checks of the engines' health
-CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 _HEALTH = {Phase.LOADING: health_pb2.HealthCheckResponse.NOT_SERVING,
            Phase.SERVING: health_pb2.HealthCheckResponse.SERVING,
            Phase.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING,
@@ -56,7 +57,7 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
 class LlmServer:
     def __init__(self, config: Config, registry: ModelRegistry | None = None) -> None:
         self.config = config
-        self.state = ServingState()
+        self.admission = Admission(config.server.api_key)
         self.registry = registry or ModelRegistry(config)
         self.completions = ChatCompletions(self.registry, config.server)
         self.health = HealthServicer()
@@ -65,7 +66,7 @@ class LlmServer:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ])
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(self.completions, self.registry, self.state, config.server), self._grpc)
+            ChatServicer(self.completions, self.registry, self.admission, config.server), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -81,7 +82,7 @@ class LlmServer:
         return [(m.name, m.engine.stats()) for m in self.registry]
 
     async def _set_phase(self, phase: Phase) -> None:
-        self.state.phase = phase
+        self.admission.phase = phase
         for service in ("", CHAT_SERVICE):
             await self.health.set(service, _HEALTH[phase])
 
@@ -89,7 +90,7 @@ class LlmServer:
         await self._set_phase(Phase.LOADING)
         await self._grpc.start()
         if self.config.server.http_port:
-            self._http = rest.HttpServer(self.config, self.completions, self.registry, self.state)
+            self._http = rest.HttpServer(self.config, self.completions, self.registry, self.admission)
             await self._http.start()
         log.info("listening", extra={"grpc": self.grpc_port, "http": self.config.server.http_port})
         await self.registry.load()
@@ -103,7 +104,7 @@ class LlmServer:
         while True:
             await asyncio.sleep(ENGINE_WATCH_INTERVAL)
             failed = {m.name: health.detail for m in self.registry if not (health := m.engine.health()).ok}
-            if failed and self.state.phase is Phase.SERVING:
+            if failed and self.admission.phase is Phase.SERVING:
                 log.error("engine failed; not serving any more", extra={"engines": failed})
                 await self._set_phase(Phase.UNHEALTHY)
 
@@ -112,11 +113,9 @@ class LlmServer:
         if self._watcher:
             self._watcher.cancel()
         await self._set_phase(Phase.DRAINING)
-        grace = self.config.server.grace_period
-        deadline = time.monotonic() + grace
-        while self.state.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        log.info("drained", extra={"unfinished": self.state.in_flight})
+        deadline = time.monotonic() + self.config.server.grace_period
+        unfinished = await self.admission.drain(self.config.server.grace_period)
+        log.info("drained", extra={"unfinished": unfinished})
         await self._grpc.stop(max(0.0, deadline - time.monotonic()))
         if self._http:
             await self._http.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service.backends.base import Engine
 from service.config import Config
-from service.manifest import ModelManifest
+from service.repository.manifest import ModelManifest
 
 
 def create_engine(manifest: ModelManifest, config: Config) -> Engine:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
 
 
 class FinishReason(enum.Enum):
@@ -50,7 +52,7 @@ class GuidedDecoding:
 
     Exactly one field is set. `json_schema` is JSON text (a forced tool call is one too, see
     service/tools.py); `json_object` asks for any JSON object, i.e. the schema
-    `service.grammar.JSON_OBJECT_SCHEMA`; `ebnf` is an xgrammar EBNF grammar.
+    `service.backends.grammar.JSON_OBJECT_SCHEMA`; `ebnf` is an xgrammar EBNF grammar.
     """
 
     json_schema: str | None = None
@@ -102,7 +104,6 @@ class Finished:
 
     index: int
     finish_reason: FinishReason
-    prompt_tokens: int
     completion_tokens: int
     queue_time: float = 0.0   # seconds from submission until the request's prefill was scheduled
 
@@ -165,11 +166,12 @@ class ProfileInfo:
     gpu_architecture: str
     precision: str
     tensor_parallel_size: int = 1
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Engine(abc.ABC):
     """A loaded model that generates. One instance per served model."""
+
+    tokenizer: PreTrainedTokenizerBase  # the model's own: chat templates render with it, Tokenize counts with it
 
     @property
     @abc.abstractmethod

@@ -20,14 +20,12 @@ drop tokens whose text was already held back here.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -38,27 +36,25 @@ from service.backends.base import (
     EngineHealth,
     EngineStats,
     Event,
-    Finished,
     FinishReason,
     GenerationRequest,
     GuidedDecoding,
     InvalidRequest,
     ProfileInfo,
     QueueFull,
-    TokenDelta,
     TokenLogprob,
-    TopToken,
 )
-from service.backends.reference.detokenizer import IncrementalDetokenizer, token_byte_table
+from service.backends.choices import Choices
+from service.backends.grammar import schema_text
+from service.backends.vocab import eos_token_ids, token_byte_table
 from service.config import EngineConfig, TrtllmConfig
-from service.gpus import detect_gpus
-from service.grammar import schema_text
-from service.manifest import ModelManifest
-from service.profiles import Profile, installed_trtllm_version, load_profiles, profile_by_id, select_profile
+from service.repository.gpus import detect_gpus
+from service.repository.manifest import ModelManifest
+from service.repository.profiles import Profile, installed_trtllm_version, load_profiles, profile_by_id, select_profile
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llmserve.engine.trtllm")
 
-FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "cancelled": FinishReason.CANCELLED,
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "cancelled": FinishReason.CANCELLED,
                   "timeout": FinishReason.DEADLINE}
 PYTORCH_MODEL_LINK = "model"
 
@@ -105,20 +101,6 @@ def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConf
 
 
 # -- request mapping (pure) ------------------------------------------------------------------------------------
-
-
-def eos_token_ids(checkpoint: Path, tokenizer: Any) -> set[int]:
-    """Every token that ends a turn: generation_config.json's eos_token_id list (Llama 3.1 has three) and the
-    tokenizer's. TensorRT-LLM's end_id is the tokenizer's alone, so the others go as stop_token_ids."""
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = checkpoint / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            ids |= set(value) if isinstance(value, list) else {value} if isinstance(value, int) else set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], eos_ids: set[int]) -> dict[str, Any]:
@@ -173,75 +155,35 @@ def _logprob_value(entry: Any) -> float:
     return float(getattr(entry, "logprob", entry))
 
 
-def token_logprob(token_id: int, entry: Any, top: int, det: IncrementalDetokenizer) -> TokenLogprob:
-    """One position of CompletionOutput.logprobs: a {token_id: Logprob(logprob, rank)} dict, or a bare float."""
-    if isinstance(entry, dict):
-        chosen = entry.get(token_id)
-        logprob = _logprob_value(chosen) if chosen is not None else float("-inf")
-        ranked = sorted(entry.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 0, -_logprob_value(kv[1])))
-        tops = tuple(TopToken(t, det.token_text(t), _logprob_value(v), det.token_bytes(t)) for t, v in ranked[:top])
-    else:
-        logprob, tops = _logprob_value(entry), ()
-    return TokenLogprob(token_id, det.token_text(token_id), logprob, det.token_bytes(token_id), tops)
-
-
-class ChoiceStreams:
-    """The choices of one request: TensorRT-LLM's cumulative CompletionOutputs in, the interface's events out."""
-
-    def __init__(self, request: GenerationRequest, table: list[bytes], eos_ids: set[int]) -> None:
-        self._request = request
-        self._eos = set() if request.sampling.ignore_eos else eos_ids
-        self._dets = [IncrementalDetokenizer(table, request.sampling.stop) for _ in range(request.n)]
-        self._seen = [0] * request.n
-        self._finished = [False] * request.n
-        self.queue_time = 0.0
-
-    @property
-    def done(self) -> bool:
-        return all(self._finished)
+class ChoiceStreams(Choices):
+    """TensorRT-LLM's cumulative CompletionOutputs in, the interface's events out."""
 
     def events(self, outputs: list[Any]) -> list[Event]:
         events: list[Event] = []
         for out in outputs:
             i = out.index
-            if i >= len(self._finished) or self._finished[i]:
+            if not self.open(i):
                 continue
-            det, start = self._dets[i], self._seen[i]
+            start = self.seen(i)
             new = list(out.token_ids[start:])
-            text, stopped, taken = [], False, 0
-            for token_id in new:
-                taken += 1
-                if token_id in self._eos:   # ends the choice with no text, as in the reference engine
-                    stopped = True
-                    break
-                piece, stopped = det.add(token_id)
-                text.append(piece)
-                if stopped:                 # a stop string: the text ends before it
-                    break
-            new = new[:taken]
-            reason = FinishReason.STOP if stopped else FINISH_REASONS.get(out.finish_reason or "")
+            reason = _FINISH_REASONS.get(out.finish_reason or "")
             if out.finish_reason and reason is None:
                 raise EngineError(f"TensorRT-LLM finished choice {i} with unknown reason {out.finish_reason!r}")
-            if reason in (FinishReason.STOP, FinishReason.LENGTH):
-                text.append(det.flush())
-            self._seen[i] = start + len(new)
             logprobs = None
             if self._request.sampling.logprobs:
                 entries = list(out.logprobs or [])[start:start + len(new)]
-                logprobs = [token_logprob(t, e, self._request.sampling.top_logprobs, det)
-                            for t, e in zip(new, entries, strict=False)]
-            if new or "".join(text):
-                events.append(TokenDelta(i, new, "".join(text), logprobs))
-            if reason is not None:
-                events.append(self._finish(i, reason))
+                logprobs = [self._token_logprob(t, e) for t, e in zip(new, entries, strict=False)]
+            events += self.advance(i, new, reason, logprobs)
         return events
 
-    def finish_all(self, reason: FinishReason) -> list[Event]:
-        return [self._finish(i, reason) for i, done in enumerate(self._finished) if not done]
-
-    def _finish(self, index: int, reason: FinishReason) -> Finished:
-        self._finished[index] = True
-        return Finished(index, reason, len(self._request.prompt_token_ids), self._seen[index], self.queue_time)
+    def _token_logprob(self, token_id: int, entry: Any) -> TokenLogprob:
+        """One position of CompletionOutput.logprobs: a {token_id: Logprob(logprob, rank)} dict, or a bare float."""
+        if not isinstance(entry, dict):
+            return self.logprob(token_id, _logprob_value(entry), [])
+        chosen = entry.get(token_id)
+        ranked = sorted(entry.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 0, -_logprob_value(kv[1])))
+        return self.logprob(token_id, _logprob_value(chosen) if chosen is not None else float("-inf"),
+                            [(t, _logprob_value(v)) for t, v in ranked])
 
 
 # -- the engine ------------------------------------------------------------------------------------------------
@@ -267,8 +209,7 @@ class TrtllmEngine(Engine):
     def profile(self) -> ProfileInfo:
         assert self._profile is not None, "start() first"
         p = self._profile
-        return ProfileInfo(p.id, p.gpu_architecture, p.precision, p.tensor_parallel_size,
-                           {"runtime": p.runtime, "tensorrt_llm_version": p.tensorrt_llm_version})
+        return ProfileInfo(p.id, p.gpu_architecture, p.precision, p.tensor_parallel_size)
 
     async def start(self) -> None:
         profiles = load_profiles(self._manifest.profiles or self._manifest.root / "profiles")

@@ -1,5 +1,5 @@
 """The PyTorch reference engine: in-flight batching for Llama checkpoints, on CPU or CUDA."""
 
-from service.backends.reference.engine import ReferenceEngine
+from service.backends.reference.async_engine import ReferenceEngine
 
 __all__ = ["ReferenceEngine"]

@@ -19,7 +19,7 @@ import torch
 import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding
-from service.grammar import GrammarCache, schema_text
+from service.backends.grammar import GrammarCache, schema_text
 
 
 class GrammarProcessor:
@@ -43,7 +43,7 @@ class GrammarProcessor:
 
 
 class Guides:
-    """The engine's grammars: compiled once per schema (see service.grammar), one matcher per choice."""
+    """The engine's grammars: compiled once per schema (see service.backends.grammar), one matcher per choice."""
 
     def __init__(self, tokenizer: object, vocab_size: int, stop_token_ids: set[int], token_bytes: list[bytes],
                  device: torch.device) -> None:

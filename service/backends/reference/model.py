@@ -79,6 +79,14 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
+def rope_tables(config: LlamaConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles. Plain tensors, not buffers: the model is built on the
+    meta device and these are made once, on the real one, when it loads."""
+    with torch.device(device):
+        freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), rope_frequencies(config))
+    return freqs.cos(), freqs.sin()
+
+
 @dataclass
 class AttentionBatch:
     """Where a step's tokens go in the cache and which context each sequence attends to."""
@@ -198,9 +206,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), rope_frequencies(config))
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.cos = self.sin = torch.empty(0)  # rope_tables, made on the real device when the weights load
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
                 batch: AttentionBatch, logit_rows: torch.Tensor) -> torch.Tensor:
@@ -236,6 +242,5 @@ def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> Ll
             f"layers.{i}.mlp.down.weight": weights[p + "mlp.down_proj.weight"],
         }
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    freqs = torch.outer(torch.arange(config.max_position_embeddings).float(), rope_frequencies(config))
-    model.cos, model.sin = freqs.cos(), freqs.sin()
+    model.cos, model.sin = rope_tables(config, device)
     return model.to(device).eval()

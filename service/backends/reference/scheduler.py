@@ -112,8 +112,8 @@ class Scheduler:
             seq.reserved -= 1
 
     def fork(self, group: Group) -> list[Sequence]:
-        """After the leader's prefill: the other choices share its full prompt blocks and take a fresh copy
-        of the partial last one. Returns the (sequence, source block, target block) copies to make."""
+        """After the leader's prefill: the other choices share its full prompt blocks and each takes a block of
+        its own for the partial last one (the caller copies its contents). Returns the forks."""
         leader = group.leader
         full = len(leader.prompt) // self.blocks.block_size
         for seq in group.seqs[1:]:

@@ -6,8 +6,8 @@ import enum
 import random
 from dataclasses import dataclass, field
 
-from service.backends.base import FinishReason, SamplingParams
-from service.backends.reference.detokenizer import IncrementalDetokenizer
+from service.backends.base import SamplingParams
+from service.backends.detokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -34,7 +34,6 @@ class Sequence:
     remembered: int = 0             # prompt blocks already recorded in the prefix cache
     reserved: int = 0               # blocks still reserved for this sequence
     status: Status = Status.WAITING
-    finish: FinishReason | None = None
     queue_time: float = 0.0
     logits_processors: list = field(default_factory=list)
 
@@ -45,7 +44,3 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output[-1] if self.output else self.prompt[-1]
-
-    def token_at(self, position: int) -> int:
-        p = len(self.prompt)
-        return self.prompt[position] if position < p else self.output[position - p]

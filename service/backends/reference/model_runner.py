@@ -1,0 +1,96 @@
+"""A step's plan -> tensors -> logits: the model, its paged KV cache and the dense decode rows, on one device.
+
+The runner knows nothing of requests: it lays out the tokens the scheduler
+planned (decode tokens first, in dense-row order, then prefill chunks), runs
+one forward pass, and returns the logits of the rows that get a next token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from service.backends.reference.decode_rows import DecodeRows
+from service.backends.reference.model import AttentionBatch, load_model
+from service.backends.reference.scheduler import Plan
+from service.config import EngineConfig
+
+
+def _dtype(name: str, checkpoint: Path, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32  # CPUs have no fast half-precision matmuls
+        name = json.loads((checkpoint / "config.json").read_text()).get("torch_dtype", "bfloat16")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ModelRunner:
+    def __init__(self, checkpoint: Path, config: EngineConfig) -> None:
+        self.device = torch.device(config.device)
+        self.dtype = _dtype(config.dtype, checkpoint, self.device)
+        self.model = load_model(checkpoint, self.dtype, self.device)
+        c = self.model.config
+        self.block_size = config.block_size
+        self.num_blocks = max(1, config.max_cache_tokens // config.block_size)
+        slots = self.num_blocks * config.block_size
+        self.kv = [(torch.zeros(slots, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device),
+                    torch.zeros(slots, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device))
+                   for _ in range(c.num_layers)]
+        self.decode_rows = DecodeRows(self.kv, config.block_size, config.max_running, slots)
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _batch(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
+        bs, device = self.block_size, self.device
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        dense = bool(plan.decode) and self.decode_rows.arrange(plan.decode)  # reorders plan.decode to row order
+        for seq in plan.decode:
+            p = seq.length - 1
+            tokens.append(seq.last_token)
+            positions.append(p)
+            slots.append(seq.blocks[p // bs] * bs + p % bs)
+        decode_rows = decode_blocks = decode_mask = decode_positions = None
+        if plan.decode:
+            d = len(plan.decode)
+            decode_rows = torch.arange(d, device=device)  # the first d tokens, and the first d dense rows
+            decode_positions = torch.tensor(positions, device=device)
+            if dense:
+                span = max(positions) + 1
+            else:
+                width = max(self._blocks_for(p + 1) for p in positions)
+                span = width * bs
+                decode_blocks = torch.tensor([s.blocks[:width] + [0] * (width - len(s.blocks)) for s in plan.decode],
+                                             device=device)
+            decode_mask = (torch.arange(span, device=device) < decode_positions.unsqueeze(1) + 1).view(d, 1, 1, span)
+        logit_rows = list(range(len(plan.decode)))
+        prefills = []
+        for seq, start, n in plan.prefill:
+            first = len(tokens)
+            tokens += seq.prompt[start:start + n]
+            positions += range(start, start + n)
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            blocks = seq.blocks[:self._blocks_for(start + n)]
+            prefills.append((first, n, torch.tensor(blocks, device=device), start))
+            if start + n == len(seq.prompt):
+                logit_rows.append(first + n - 1)
+        batch = AttentionBatch(bs, torch.tensor(slots, device=device), decode_rows, decode_blocks, decode_mask,
+                               prefills, self.decode_rows.layers if dense else None, decode_positions)
+        return (torch.tensor(tokens, device=device), torch.tensor(positions, device=device), batch,
+                torch.tensor(logit_rows, dtype=torch.long, device=device))  # empty for a mid-prompt chunk
+
+    def forward(self, plan: Plan) -> torch.Tensor:
+        """Float32 logits [rows, vocab]: one row per decode sequence (in plan.decode's order, which this call
+        may rearrange), then one per prefill that reaches its prompt's end."""
+        tokens, positions, batch, logit_rows = self._batch(plan)
+        return self.model(tokens, positions, self.kv, batch, logit_rows)
+
+    def copy_block(self, source: int, target: int) -> None:
+        bs = self.block_size
+        for k_cache, v_cache in self.kv:
+            k_cache[target * bs:(target + 1) * bs] = k_cache[source * bs:(source + 1) * bs]
+            v_cache[target * bs:(target + 1) * bs] = v_cache[source * bs:(source + 1) * bs]
