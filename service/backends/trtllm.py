@@ -45,7 +45,7 @@ from service.backends.base import (
     TokenLogprob,
 )
 from service.backends.choices import Choices
-from service.backends.grammar import schema_text
+from service.backends.grammar import grammar_text, schema_text
 from service.backends.vocab import eos_token_ids, token_byte_table
 from service.config import EngineConfig, TrtllmConfig
 from service.repository.gpus import detect_gpus
@@ -137,18 +137,22 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], 
 
 
 def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
-    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF.
+    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `regex` the regex, `grammar`
+    xgrammar EBNF (a choice as the grammar that admits exactly its strings).
 
     json_object goes as the schema {"type": "object"}, as the reference engine compiles it:
-    `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array."""
+    `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array.
+    The runtime does not close outputs within max_tokens (it cannot be told how): see
+    docs/tools-and-structured-output.md."""
     if guided is None:
         return None
     schema = schema_text(guided)
     if schema is not None:
         return {"json": schema}
-    if guided.ebnf is not None:
-        return {"grammar": guided.ebnf}
-    return None
+    if guided.regex is not None:
+        return {"regex": guided.regex}
+    grammar = grammar_text(guided)
+    return {"grammar": grammar} if grammar is not None else None
 
 
 def _logprob_value(entry: Any) -> float:

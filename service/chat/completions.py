@@ -15,11 +15,15 @@ from contextlib import aclosing
 from service.admission import Call
 from service.backends.base import Event
 from service.chat.responses import ENGINE_ERRORS, Answer, engine_error
-from service.chat.validation import validate_chat
+from service.chat.validation import ValidChat, validate_chat
 from service.config import ServerConfig
 from service.gen.llmserve.v1 import chat_pb2
 from service.metrics import RequestTimer
 from service.models.registry import ModelRegistry
+
+# Requests larger than this are validated on a worker thread: checking a schema of thousands of properties takes
+# seconds of jsonschema and xgrammar, which on the event loop would hold up every other stream's chunks.
+VALIDATE_INLINE_BYTES = 16 * 1024
 
 
 class ChatCompletions:
@@ -27,8 +31,13 @@ class ChatCompletions:
         self._registry = registry
         self._limits = limits
 
+    async def _validate(self, req: chat_pb2.ChatCompletionRequest) -> ValidChat:
+        if req.ByteSize() > VALIDATE_INLINE_BYTES:
+            return await asyncio.to_thread(validate_chat, req, self._registry, self._limits)
+        return validate_chat(req, self._registry, self._limits)
+
     async def create(self, req: chat_pb2.ChatCompletionRequest, call: Call) -> chat_pb2.ChatCompletion:
-        valid = validate_chat(req, self._registry, self._limits)
+        valid = await self._validate(req)
         request = valid.generation_request(call)
         timer = RequestTimer(valid.model.name, len(valid.prompt))
         answer = Answer(valid)
@@ -45,7 +54,7 @@ class ChatCompletions:
                      call: Call) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         """Yields chunks. Events that arrive while the consumer is busy are coalesced into one chunk,
         so a slow client costs the engine nothing and holds at most its own output in memory."""
-        valid = validate_chat(req, self._registry, self._limits)
+        valid = await self._validate(req)
         request = valid.generation_request(call)
         timer = RequestTimer(valid.model.name, len(valid.prompt))
         answer = Answer(valid)

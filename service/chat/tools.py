@@ -25,7 +25,7 @@ from typing import Any
 import regex
 from google.protobuf import json_format
 
-from service.chat.schemas import plain_json, schema_problem
+from service.chat.schemas import request_schema, schema_problem
 from service.errors import FieldViolation
 from service.gen.llmserve.v1 import chat_pb2
 
@@ -41,31 +41,56 @@ def tool_mode(req: chat_pb2.ChatCompletionRequest) -> str:
     return "function" if kind == "function" else req.tool_choice.mode
 
 
-def _parameters(tool: chat_pb2.Tool) -> dict[str, Any]:
-    if not tool.function.HasField("parameters"):
-        return NO_PARAMETERS
-    return plain_json(json_format.MessageToDict(tool.function.parameters))
+def _parameters(tool: chat_pb2.Tool, field: str,
+                violations: list[FieldViolation]) -> tuple[dict[str, Any] | None, str]:
+    function = tool.function
+    if not function.HasField("parameters") and not function.parameters_json:
+        return NO_PARAMETERS, field
+    return request_schema(function.parameters if function.HasField("parameters") else None,
+                          function.parameters_json, field, violations)
+
+
+def tool_parameters(req: chat_pb2.ChatCompletionRequest,
+                    violations: list[FieldViolation]) -> list[dict[str, Any] | None]:
+    """Each tool's parameters schema, in the order its arguments are written (see service/chat/schemas.py); None
+    for one that is bad (added to `violations`), and for every tool when tool_choice is "none"."""
+    if tool_mode(req) == "none":
+        return [None] * len(req.tools)
+    out: list[dict[str, Any] | None] = []
+    for i, tool in enumerate(req.tools):
+        parameters, field = _parameters(tool, f"tools[{i}].function.parameters", violations)
+        problem = None
+        if parameters is not None and parameters.get("type", "object") != "object":
+            problem = "must be the JSON schema of an object (the arguments are an object)"
+        elif parameters is not None:
+            problem = schema_problem(parameters)
+        if problem:
+            violations.append(FieldViolation(field, problem))
+        out.append(None if problem else parameters)
+    return out
 
 
 def callable_tools(req: chat_pb2.ChatCompletionRequest,
-                   violations: list[FieldViolation]) -> dict[str, dict[str, Any]]:
-    """The tools the model may call, name to parameters schema; a bad schema is added to `violations`."""
-    mode = tool_mode(req)
-    if mode == "none":
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for i, tool in enumerate(req.tools):
-        parameters, field = _parameters(tool), f"tools[{i}].function.parameters"
-        if parameters.get("type", "object") != "object":
-            violations.append(FieldViolation(field, "must be the JSON schema of an object (the arguments are an "
-                                                    "object)"))
-            continue
-        problem = schema_problem(parameters)
-        if problem:
-            violations.append(FieldViolation(field, problem))
-            continue
-        if mode != "function" or tool.function.name == req.tool_choice.function.name:
-            out[tool.function.name] = parameters
+                   parameters: list[dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """The tools the model may call, name to parameters schema."""
+    named = req.tool_choice.function.name if tool_mode(req) == "function" else None
+    return {t.function.name: p for t, p in zip(req.tools, parameters, strict=True)
+            if p is not None and named in (None, t.function.name)}
+
+
+def offered_tools(req: chat_pb2.ChatCompletionRequest,
+                  parameters: list[dict[str, Any] | None]) -> list[dict[str, Any]] | None:
+    """The tools as the chat template renders them, their parameters in the same order as the arguments."""
+    if not req.tools or tool_mode(req) == "none":
+        return None
+    out = []
+    for tool, schema in zip(req.tools, parameters, strict=True):
+        rendered = json_format.MessageToDict(tool, preserving_proto_field_name=True)
+        function = rendered.setdefault("function", {})
+        function.pop("parameters_json", None)
+        if schema is not None and (tool.function.HasField("parameters") or tool.function.parameters_json):
+            function["parameters"] = schema
+        out.append(rendered)
     return out
 
 

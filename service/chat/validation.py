@@ -19,8 +19,8 @@ from google.protobuf import json_format
 
 from service.admission import Call
 from service.backends.base import GenerationRequest, GuidedDecoding, SamplingParams
-from service.chat.schemas import plain_json, schema_json, schema_problem
-from service.chat.tools import call_schema, callable_tools, tool_mode
+from service.chat.schemas import grammar_problem, request_schema, schema_json, schema_problem
+from service.chat.tools import call_schema, callable_tools, offered_tools, tool_mode, tool_parameters
 from service.config import ServerConfig
 from service.errors import FieldViolation, ServiceError
 from service.gen.llmserve.v1 import chat_pb2
@@ -100,31 +100,62 @@ def _cross_field_violations(req: chat_pb2.ChatCompletionRequest) -> list[FieldVi
             out.append(FieldViolation("tool_choice", "'required' needs at least one tool in tools"))
     if len(tool_names) < len(req.tools):
         out.append(FieldViolation("tools", "function names must be unique"))
+    json_format_set = req.response_format.type in ("json_object", "json_schema")
     if req.HasField("response_format"):
         fmt = req.response_format
-        if fmt.type == "json_schema" and not fmt.json_schema.HasField("schema"):
+        if fmt.type == "json_schema" and not fmt.json_schema.HasField("schema") and not fmt.json_schema.schema_json:
             out.append(FieldViolation(_RESPONSE_SCHEMA, "required when type is json_schema"))
-        if fmt.type in ("json_object", "json_schema") and req.tools and tool_mode(req) != "none":
+        if json_format_set and req.tools and tool_mode(req) != "none":
             out.append(FieldViolation("response_format", "cannot be combined with tool calls; set tool_choice none"))
+    if req.HasField("structured_outputs"):
+        if json_format_set:
+            out.append(FieldViolation("structured_outputs", "cannot be combined with a JSON response_format"))
+        if req.tools and tool_mode(req) != "none":
+            out.append(FieldViolation("structured_outputs", "cannot be combined with tool calls; set tool_choice "
+                                                            "none"))
     return out
 
 
-def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]],
+def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]], limits: ServerConfig,
             violations: list[FieldViolation]) -> GuidedDecoding | None:
-    """The output's constraint: a mandatory tool call's schema, or the response format's."""
+    """The output's constraint: a mandatory tool call's schema, the response format's, or structured_outputs'."""
     if tools and tool_mode(req) in ("required", "function"):
         schema, field = call_schema(tools), "tools"
     elif req.response_format.type == "json_object":
-        return GuidedDecoding(json_object=True)
-    elif req.response_format.type == "json_schema" and req.response_format.json_schema.HasField("schema"):
-        schema, field = plain_json(json_format.MessageToDict(req.response_format.json_schema.schema)), _RESPONSE_SCHEMA
+        return GuidedDecoding(json_object=True, field="response_format")
+    elif req.response_format.type == "json_schema":
+        given = req.response_format.json_schema
+        schema, field = request_schema(given.schema if given.HasField("schema") else None, given.schema_json,
+                                       _RESPONSE_SCHEMA, violations)
+        if schema is None:
+            return None
+    elif req.HasField("structured_outputs"):
+        return _structured_outputs(req.structured_outputs, violations)
     else:
         return None
-    problem = schema_problem(schema)
+    text = schema_json(schema)
+    problem = f"at most {limits.max_schema_bytes} bytes (--max-schema-bytes), got {len(text.encode())}" \
+        if len(text.encode()) > limits.max_schema_bytes else schema_problem(schema)
     if problem:
         violations.append(FieldViolation(field, problem))
         return None
-    return GuidedDecoding(json_schema=schema_json(schema))
+    return GuidedDecoding(json_schema=text, field=field)
+
+
+def _structured_outputs(given: chat_pb2.StructuredOutputs, violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """A regex or a grammar xgrammar refuses is named here; a choice always compiles. Not exactly one of them set
+    is an annotation's violation, already reported."""
+    if bool(given.regex) + bool(given.choice) + bool(given.grammar) != 1:
+        return None
+    if given.choice:
+        return GuidedDecoding(choice=tuple(given.choice), field="structured_outputs.choice")
+    kind, text, field = ("regex", given.regex, "structured_outputs.regex") if given.regex else \
+        ("ebnf", given.grammar, "structured_outputs.grammar")
+    problem = grammar_problem(kind, text)
+    if problem:
+        violations.append(FieldViolation(field, problem))
+        return None
+    return GuidedDecoding(regex=text, field=field) if kind == "regex" else GuidedDecoding(ebnf=text, field=field)
 
 
 def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]] | None = None,
@@ -201,16 +232,15 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     """Raises ServiceError naming every violation (INVALID_ARGUMENT), or NOT_FOUND for an unknown model."""
     violations = request_violations(req, limits)
     renderable = _renderable(violations)
-    tools = callable_tools(req, violations)
-    guided = _guided(req, tools, violations)
+    parameters = tool_parameters(req, violations)
+    tools = callable_tools(req, parameters)
+    guided = _guided(req, tools, limits, violations)
     model = _served(registry, req.model, violations)
     prompt: list[int] = []
     max_tokens = 0
     if renderable:
-        offered = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in req.tools] \
-            if req.tools and tool_mode(req) != "none" else None
         try:
-            prompt = render_prompt(model, req.messages, offered)
+            prompt = render_prompt(model, req.messages, offered_tools(req, parameters))
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
         else:

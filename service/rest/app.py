@@ -38,7 +38,7 @@ from service.gen.llmserve.v1 import chat_pb2
 from service.models.registry import ModelRegistry
 from service.rest.backends import ChatBackend, InProcessBackend
 from service.rest.errors import dataoorts_error, openai_error
-from service.rest.request import decode_json, parse_chat, parse_dataoorts
+from service.rest.request import ParsedChat, decode_json, parse_chat, parse_dataoorts
 from service.rest.response import (
     DONE,
     chunk_event,
@@ -53,6 +53,7 @@ from service.rest.response import (
 log = logging.getLogger("llmserve.request")
 
 _INTERNAL = ServiceError(grpc.StatusCode.INTERNAL, "internal error")
+PARSE_INLINE_BYTES = 16 * 1024  # larger chat bodies are parsed on a worker thread
 
 T = TypeVar("T")
 
@@ -133,6 +134,19 @@ class RestApi:
         return Call(request_id, time.monotonic() + seconds, authorization)
 
     async def _body(self, request: Request) -> dict[str, Any]:
+        return decode_json(await self._raw_body(request))
+
+    async def _chat_body(self, request: Request) -> ParsedChat:
+        """A large body (a schema of thousands of properties) is decoded and checked on a worker thread: on the
+        event loop it would hold up every other stream's chunks."""
+        raw = await self._raw_body(request)
+
+        def parse() -> ParsedChat:
+            return parse_chat(decode_json(raw), self._config.ignore_unknown_fields)
+
+        return parse() if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(parse)
+
+    async def _raw_body(self, request: Request) -> bytes:
         limit = self._config.max_message_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -140,7 +154,7 @@ class RestApi:
         raw = await request.body()
         if len(raw) > limit:
             raise ServiceError.invalid_field("body", f"the request is {len(raw)} bytes; at most {limit} are accepted")
-        return decode_json(raw)
+        return raw
 
     def _log(self, request: Request, caller: Call | None, started: float, status: int, model: str | None) -> None:
         log.info("request", extra={"request_id": caller and caller.request_id, "method": request.method,
@@ -152,7 +166,7 @@ class RestApi:
         try:
             caller = self._caller(request)
             self._backend.admit(caller)
-            parsed = parse_chat(await self._body(request), self._config.ignore_unknown_fields)
+            parsed = await self._chat_body(request)
             model = parsed.request.model
             if parsed.stream:
                 chunks = self._backend.stream(parsed.request, caller)

@@ -134,6 +134,8 @@ async def test_list_models_and_tokenize(stub: chat_pb2_grpc.ChatServiceStub) -> 
     demo = models.data[0]
     assert (demo.backend, demo.context_length, demo.owned_by) == ("reference", 2048, "llmserve")
     assert demo.profile.gpu_architecture == "cpu" and demo.profile.id
+    assert set(demo.structured_output.forms) == {"json_object", "json_schema", "tools", "regex", "choice", "grammar"}
+    assert demo.structured_output.closes_within_max_tokens
     text = await stub.Tokenize(chat_pb2.TokenizeRequest(model="demo", text="hello world"))
     assert text.count == len(text.tokens) > 0 and text.max_model_len == 2048
     with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -222,6 +222,7 @@ async def test_models_list_and_get(http: httpx.AsyncClient) -> None:
     assert {k: one[k] for k in ("object", "owned_by", "context_length", "backend")} == {
         "object": "model", "owned_by": "llmserve", "context_length": 2048, "backend": "reference"}
     assert one["profile"]["gpu_architecture"] == "cpu" and isinstance(one["created"], int)
+    assert one["structured_output"]["closes_within_max_tokens"] is True and "regex" in one["structured_output"]["forms"]
 
 
 async def test_dataoorts_wrapper(http: httpx.AsyncClient, stub: chat_pb2_grpc.ChatServiceStub) -> None:
