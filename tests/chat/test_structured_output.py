@@ -225,6 +225,8 @@ BAD_SCHEMAS = [
     {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},      # a dangling reference
     {"type": "integer", "minimum": 5, "maximum": 1},                           # an empty range
     {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},      # not enforceable while decoding
+    {"type": "string", "pattern": "^a+$", "maxLength": 3},                     # xgrammar drops the length
+    {"allOf": [{"type": "integer"}, {"minimum": 2}]},                          # xgrammar drops such an allOf
 ]
 
 
