@@ -99,6 +99,7 @@ class Object(Node):
         self.required: list[bool] = []
         self.additional: Node | None = None
         self.extra_key = b'""'           # the shortest key that is no listed name
+        self._candidates: dict[int, list[int]] = {}
 
     def value(self, j: int) -> Node | None:
         """Property j's schema; j == len(names) stands for an additional property."""
@@ -153,13 +154,18 @@ class Object(Node):
 
     def candidates(self, j: int) -> list[int]:
         """The properties that may follow property j: listed ones up to the next required, or additional ones."""
+        found = self._candidates.get(j)
+        if found is not None:
+            return found
         out = []
         for k in range(j + 1, len(self.names)):
             out.append(k)
             if self.required[k]:
-                return out
-        if self.additional is not None:
-            out.append(len(self.names))
+                break
+        else:
+            if self.additional is not None:
+                out.append(len(self.names))
+        self._candidates[j] = out
         return out
 
 

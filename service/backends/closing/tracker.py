@@ -395,16 +395,19 @@ class ObjectFrame(Frame):
 
     def _extra_key_rest(self) -> bytes | None:
         """What finishes the open key as an additional property's: any string that is no listed name."""
-        esc = None if self.esc == 0 else "" if self.esc == -1 else "u" + "0" * (4 - self.esc)
-        tail = self.key[-3:]
-        pending = b""
-        for i in range(len(tail)):
-            if _utf8_len(tail[i]) > len(tail) - i:
-                pending = tail[i:]
-        done = _finish_char(esc, pending, None) if esc is not None or pending else (b"", "")
-        if done is None:
-            return None
-        rest = done[0]
+        if self.esc == 0 and (not self.key or self.key[-1] < 0x80):  # the common case: nothing left open
+            rest = b""
+        else:
+            esc = None if self.esc == 0 else "" if self.esc == -1 else "u" + "0" * (4 - self.esc)
+            tail = self.key[-3:]
+            pending = b""
+            for i in range(len(tail)):
+                if _utf8_len(tail[i]) > len(tail) - i:
+                    pending = tail[i:]
+            done = _finish_char(esc, pending, None) if esc is not None or pending else (b"", "")
+            if done is None:
+                return None
+            rest = done[0]
         while b'"' + self.key + rest + b'"' in self.node.index:
             rest += b"a"
         return rest + b'"'
