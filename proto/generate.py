@@ -8,6 +8,7 @@ other languages can build from proto/ plus the image this writes.
 Outputs (none committed):
   service/gen/...              Python messages, gRPC stubs and .pyi, imports made package-relative
   build/proto/llmserve.binpb   FileDescriptorSet with imports and comments (buf, Node, reflection tests)
+  service/gen/llmserve.binpb   the same set, which the server's reflection serves (so comments reach grpcurl)
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
         return
     build_image(PROTO_DIR, deps, args.out)
     generate_python(deps, ROOT / "service/gen")
+    shutil.copyfile(args.out, ROOT / "service/gen/llmserve.binpb")
     print(f"generated service/gen and {args.out.relative_to(ROOT)}")
 
 
