@@ -33,7 +33,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.admission import Admission, Call, request_id
 from service.chat.completions import ChatCompletions
@@ -270,6 +270,27 @@ class RestApi:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+class SingleFraming:
+    """RFC 9112 §6.3: a request with both Content-Length and Transfer-Encoding may be smuggling another inside its
+    body (a proxy in front may frame it by the other header). It is answered 400 and its connection closed, so
+    nothing after it is read as a request. h11 would frame it by Transfer-Encoding and carry on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                body = dumps({"error": {"message": "a request may not carry both Content-Length and "
+                                                   "Transfer-Encoding (RFC 9112 section 6.3)",
+                                        "type": "invalid_request_error", "param": None, "code": "invalid_argument"}})
+                await Response(body.encode(), 400, {"connection": "close"}, media_type="application/json")(
+                    scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
 async def _route_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 404
     headers = exc.headers if isinstance(exc, HTTPException) else None
@@ -279,7 +300,7 @@ async def _route_error(request: Request, exc: Exception) -> Response:
 
 def create_app(config: ServerConfig, backend: ChatBackend, pool: WorkerPool) -> Starlette:
     api = RestApi(config, backend, pool)
-    middleware = []
+    middleware = [Middleware(SingleFraming)]
     if config.cors_origin:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origin, allow_methods=["GET", "POST"],
                                      allow_headers=["*"], expose_headers=["x-request-id"]))
