@@ -23,9 +23,20 @@ import service.gen
 DOCUMENTED = Path(service.gen.__file__).parent / "llmserve.binpb"  # written by proto/generate.py
 
 
+def _without_json_names(messages: Iterable[descriptor_pb2.DescriptorProto]) -> None:
+    """protoc records each field's lowerCamel json_name; the compiled-in descriptors reflection served before
+    carry none, so grpcurl wrote the fields as the contract spells them (OpenAI's snake_case), and still does."""
+    for message in messages:
+        for field in message.field:
+            field.ClearField("json_name")
+        _without_json_names(message.nested_type)
+
+
 def documented_files(path: Path = DOCUMENTED) -> dict[str, bytes]:
     """Each file of the descriptor set, serialized with its comments, by name."""
     files = descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes()).file
+    for f in files:
+        _without_json_names(f.message_type)
     return {f.name: f.SerializeToString() for f in files}
 
 

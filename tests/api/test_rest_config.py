@@ -66,11 +66,11 @@ async def test_cors_allows_only_the_configured_origin(http: httpx.AsyncClient) -
 async def test_unknown_fields_are_ignored_with_a_warning_when_configured(
         http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="llmserve.rest.request"):
-        r = await http.post("/v1/chat/completions", json=body(max_tokens=2, logit_bias={"50256": -100},
+        r = await http.post("/v1/chat/completions", json=body(max_tokens=2, frobnicate={"50256": -100},
                                                               messages=[{"role": "user", "content": "hi", "x": 1}]))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     [record] = [r for r in caplog.records if r.getMessage() == "ignored unknown request fields"]
-    assert record.fields == ["messages[0].x", "logit_bias"]
+    assert record.fields == ["messages[0].x", "frobnicate"]
     r = await http.post("/v1/chat/completions", json=body(temperature="warm"))
     assert_error(r, 400, "invalid_request_error", "invalid_argument", "temperature")
 
