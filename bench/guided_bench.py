@@ -43,7 +43,7 @@ def measure(tokens: int, rounds: int) -> dict:
     from transformers import AutoTokenizer
 
     from service.backends.base import GuidedDecoding
-    from service.backends.reference.guided import GrammarProcessor, Guides
+    from service.backends.reference.guided import Guides
     from service.backends.vocab import token_byte_table
 
     torch.set_num_threads(1)
@@ -56,9 +56,7 @@ def measure(tokens: int, rounds: int) -> dict:
 
     def run(guided: GuidedDecoding, budget: int, closing: bool) -> tuple[float, float, int]:
         grammar = guides.grammars.get(guided)
-        processor = guides.processor(guided, budget) if closing else \
-            GrammarProcessor(dataclasses.replace(grammar, shape=None), budget, guides, guides.processor(
-                guided, budget)._banned)
+        processor = guides.processor(guided, grammar if closing else dataclasses.replace(grammar, shape=None), budget)
         spent, reviewing, done = 0.0, 0.0, 0
         generator = torch.Generator().manual_seed(0)
         for row in logits[:budget]:

@@ -306,8 +306,7 @@ def test_eos_is_allowed_only_where_the_document_may_end(engines_dir: Path) -> No
     guides = Guides(tokenizer, len(tokenizer), {eos}, token_byte_table(tokenizer), torch.device("cpu"))
     guided = GuidedDecoding(json_schema=json.dumps(
         {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
-    guides.grammars.get(guided)
-    processor = guides.processor(guided, budget=100)
+    processor = guides.processor(guided, guides.grammars.get(guided), budget=100)
     newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]
     for token in tokenizer.encode('{"ok": true}', add_special_tokens=False):
         logits = torch.zeros(len(tokenizer))

@@ -112,7 +112,7 @@ def test_the_closing_completes_the_output_from_anywhere(guides: Guides, name: st
 
 def run_choice(guides: Guides, guided: GuidedDecoding, budget: int, seed: int) -> tuple[bytes, str, int]:
     """One choice sampled at temperature 1 from random logits, as the engine runs it: (text, why it ended, tokens)."""
-    processor = guides.processor(guided, budget)
+    processor = guides.processor(guided, guides.grammars.get(guided), budget)
     generator = torch.Generator().manual_seed(seed)
     text, tokens = b"", 0
     while tokens < budget:

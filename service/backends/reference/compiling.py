@@ -83,25 +83,25 @@ class Compiling:
             with self._lock:
                 job.result, job.done = result, True
 
-    def ready(self, now: float) -> list[tuple[GenerationRequest, InvalidRequest | None]]:
-        """Requests whose grammar is now cached (None) or refused (the error), compiled or timed out."""
-        out: list[tuple[GenerationRequest, InvalidRequest | None]] = []
+    def ready(self, now: float) -> list[tuple[GenerationRequest, Grammar | InvalidRequest]]:
+        """Requests whose grammar is now compiled (and cached), or refused: compiled badly or timed out."""
+        out: list[tuple[GenerationRequest, Grammar | InvalidRequest]] = []
         for guided, job in list(self._jobs.items()):
             with self._lock:
                 done, started, result = job.done, job.started, job.result
             if done:
+                assert result is not None
                 if isinstance(result, Grammar):
                     self._grammars.put(guided, result)
-                error = result if isinstance(result, InvalidRequest) else None
             elif started is not None and now - started > self._timeout:
                 self._too_slow[guided] = None
                 while len(self._too_slow) > TOO_SLOW_REMEMBERED:
                     self._too_slow.popitem(last=False)
-                error = self._slow_error(guided)
+                result = self._slow_error(guided)
             else:
                 continue
             del self._jobs[guided]
-            out += [(request, error) for request in job.requests]
+            out += [(request, result) for request in job.requests]
         return out
 
     def _slow_error(self, guided: GuidedDecoding) -> InvalidRequest:

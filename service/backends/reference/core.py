@@ -29,6 +29,7 @@ from service.backends.base import (
     TokenDelta,
 )
 from service.backends.detokenizer import IncrementalDetokenizer
+from service.backends.grammar import Grammar
 from service.backends.reference.block_manager import BlockManager
 from service.backends.reference.compiling import Compiling
 from service.backends.reference.guided import Guides
@@ -92,17 +93,21 @@ class EngineCore:
 
     def add(self, request: GenerationRequest) -> Emitted:
         """Admits a checked request, or leaves it to wait for its grammar (see admit_compiled)."""
-        if request.guided is not None and self.guides.grammars.lookup(request.guided) is None:
-            self.compiling.submit(request)
-            return []
-        return self._admit(request)
-
-    def _admit(self, request: GenerationRequest) -> Emitted:
-        group = self._group(request)
+        grammar = None
         if request.guided is not None:
-            self.guides.fits(request.guided, request.sampling.max_tokens)
+            grammar = self.guides.grammars.lookup(request.guided)
+            if grammar is None:
+                self.compiling.submit(request)
+                return []
+        return self._admit(request, grammar)
+
+    def _admit(self, request: GenerationRequest, grammar: Grammar | None) -> Emitted:
+        group = self._group(request)
+        if request.guided is not None and grammar is not None:
+            self.guides.fits(request.guided, grammar, request.sampling.max_tokens)
             for seq in group.seqs:
-                seq.logits_processors.append(self.guides.processor(request.guided, request.sampling.max_tokens))
+                seq.logits_processors.append(self.guides.processor(request.guided, grammar,
+                                                                   request.sampling.max_tokens))
         if request.sampling.max_tokens == 0:
             return [(request.request_id, Finished(s.index, FinishReason.LENGTH, 0)) for s in group.seqs]
         self.scheduler.add(group)
@@ -111,14 +116,14 @@ class EngineCore:
     def admit_compiled(self, now: float) -> Posted:
         """Requests whose grammar is ready join the scheduler; refused or expired ones end."""
         out: Posted = []
-        for request, error in self.compiling.ready(now):
-            if error is None:
+        for request, outcome in self.compiling.ready(now):
+            if isinstance(outcome, Grammar):
                 try:
-                    out += self._admit(request)
+                    out += self._admit(request, outcome)
                     continue
                 except InvalidRequest as e:
-                    error = e
-            out.append((request.request_id, error))
+                    outcome = e
+            out.append((request.request_id, outcome))
         for request in self.compiling.expired(now):
             out += [(request.request_id, Finished(i, FinishReason.DEADLINE, 0)) for i in range(request.n)]
         return out

@@ -144,18 +144,14 @@ class Guides:
                    for i in range(vocab_size)]
         self._control = torch.tensor(control, dtype=torch.bool, device=device)
 
-    def fits(self, guided: GuidedDecoding, max_tokens: int) -> None:
-        """Refuses a budget too small for the shortest valid output (the grammar must be compiled)."""
-        grammar = self.grammars.lookup(guided)
-        assert grammar is not None, "compiled before admission"
+    def fits(self, guided: GuidedDecoding, grammar: Grammar, max_tokens: int) -> None:
+        """Refuses a budget too small for the shortest valid output."""
         if grammar.shape is not None and max_tokens < len(grammar.shortest):
             shortest = (grammar.shape.shortest or b"").decode(errors="replace")
             preview = shortest if len(shortest) <= 80 else shortest[:77] + "..."
             raise InvalidRequest("max_tokens", f"{max_tokens} is too few for the shortest output {guided.field} "
                                                f"allows, {len(grammar.shortest)} tokens: {preview}")
 
-    def processor(self, guided: GuidedDecoding, budget: int) -> GrammarProcessor:
-        grammar = self.grammars.lookup(guided)
-        assert grammar is not None, "compiled before admission"
+    def processor(self, guided: GuidedDecoding, grammar: Grammar, budget: int) -> GrammarProcessor:
         banned = self._control if schema_text(guided) is not None else None
         return GrammarProcessor(grammar, budget, self, banned)
