@@ -50,6 +50,7 @@ class ValidChat:
     tool_names: list[str]  # the tools the model may call: its answers are parsed for a call of one
     logprobs: bool
     include_usage: bool
+    budget_field: str = "max_tokens"  # or max_completion_tokens, as the request named it: refusals name it so
 
     def generation_request(self, call: Call) -> GenerationRequest:
         return GenerationRequest(call.request_id, self.prompt, self.sampling, self.n, call.deadline, self.guided)
@@ -306,7 +307,8 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     if violations:
         raise ServiceError.invalid(violations)
     return ValidChat(model, prompt, _sampling(req, max_tokens, logit_bias), req.n if req.HasField("n") else 1, guided,
-                     list(tools), bool(req.logprobs), req.stream_options.include_usage)
+                     list(tools), bool(req.logprobs), req.stream_options.include_usage,
+                     "max_completion_tokens" if req.HasField("max_completion_tokens") else "max_tokens")
 
 
 def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,

@@ -192,6 +192,9 @@ async def test_max_tokens_below_the_shortest_document_names_max_tokens(stub: cha
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.server.http_port}", timeout=60) as c:
         r = await c.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        newer = {**body, "max_completion_tokens": body.pop("max_tokens")}  # OpenAI's newer name is named back
+        r = await c.post("/v1/chat/completions", json=newer)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
         body["max_tokens"] = least
         r = await c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
