@@ -88,15 +88,13 @@ def request_schema(struct: struct_pb2.Struct | None, text: str, field: str,
     text_field = field + "_json"
     parsed = None
     if text:
+        if not text.lstrip(" \t\n\r").startswith("{"):
+            return None, text_field  # not an object: the contract's annotation said so already
         try:
-            parsed = json.loads(text)
+            parsed = plain_json(json.loads(text))
         except (ValueError, RecursionError) as e:
             violations.append(FieldViolation(text_field, f"not valid JSON: {e}"))
             return None, text_field
-        if not isinstance(parsed, dict):
-            violations.append(FieldViolation(text_field, "must be a JSON object"))
-            return None, text_field
-        parsed = plain_json(parsed)
     if struct is None:
         return parsed, text_field
     given = plain_json(json_format.MessageToDict(struct))

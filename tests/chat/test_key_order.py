@@ -101,7 +101,7 @@ async def test_the_same_request_gives_the_same_answer_on_two_servers(server_proc
 
 @pytest.mark.parametrize(("schema", "text", "field", "says"), [
     (None, "{not json", FIELD + "_json", "not valid JSON"),
-    (None, "[1, 2]", FIELD + "_json", "must be a JSON object"),
+    (None, "[1, 2]", FIELD + "_json", "must be the text of a JSON object"),
     (SCHEMA, json.dumps({**SCHEMA, "required": ["zip"]}), FIELD + "_json", "not the same schema"),
     (None, json.dumps({"type": "strnig"}), FIELD + "_json", "not a valid JSON schema"),
     ({"type": "strnig"}, json.dumps({"type": "strnig"}), FIELD, "not a valid JSON schema"),
