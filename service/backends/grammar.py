@@ -33,7 +33,8 @@ import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding, InvalidRequest
 from service.backends.closing import Unsupported
-from service.backends.closing.shapes import Node, choice_shape, json_shape, regex_shape
+from service.backends.closing.schema import choice_shape, json_shape, regex_shape
+from service.backends.closing.shapes import Node
 from service.backends.closing.tokens import Speller
 from service.backends.vocab import token_byte_table
 

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from service.backends.base import GuidedDecoding
 from service.backends.closing import tracker
 from service.backends.closing.numbers import Range, completion
-from service.backends.closing.shapes import json_shape
+from service.backends.closing.schema import json_shape
 from service.backends.grammar import closing_shape
 from service.backends.reference.guided import Guides
 from service.backends.vocab import token_byte_table
