@@ -97,6 +97,7 @@ test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo smollm2 lint node-d
 
 bench: install demo smollm2
 	$(BIN)/python -m bench.record
+	$(BIN)/python -m bench.record --model smollm2-135m-instruct --concurrency 1,8,16 --peers vllm
 
 soak: install demo
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
