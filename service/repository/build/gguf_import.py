@@ -82,13 +82,17 @@ def write_tokenizer(gguf_path: Path, reader: GGUFReader, config: dict[str, Any],
     """tokenizer.json (transformers' conversion of the file's vocabulary) and tokenizer_config.json."""
     from transformers import AutoTokenizer  # the conversion needs it; the rest of the import does not
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    kind = field(reader, "tokenizer.ggml.model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise GGUFImportError(f"tokenizer.ggml.model {kind!r} is not supported: transformers cannot convert it "
+                              f"({e})") from None
     if not tokenizer.is_fast:
-        raise GGUFImportError(f"tokenizer.ggml.model {field(reader, 'tokenizer.ggml.model')!r} is not supported: "
-                              f"transformers converted it to a slow tokenizer ({type(tokenizer).__name__})")
+        raise GGUFImportError(f"tokenizer.ggml.model {kind!r} is not supported: transformers converted it to a slow "
+                              f"tokenizer ({type(tokenizer).__name__})")
     backend = tokenizer.backend_tokenizer
-    if field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") in \
-            DIGIT_SPLIT_PRE_TOKENIZERS:
+    if kind == "gpt2" and field(reader, "tokenizer.ggml.pre") in DIGIT_SPLIT_PRE_TOKENIZERS:
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                          backend.pre_tokenizer])
     backend.save(str(checkpoint / "tokenizer.json"))
@@ -138,9 +142,12 @@ def import_gguf(gguf_path: Path, name: str | None, engines_dir: Path) -> ModelMa
         raise SystemExit(f"{root} already exists; remove it or choose another --name")
     try:
         reader = GGUFReader(gguf_path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"{gguf_path}: not a GGUF file gguf-py can read ({e})") from None
+    try:
         check(reader)
         config = llama_config(reader)
-    except (GGUFImportError, ValueError, OSError) as e:
+    except GGUFImportError as e:
         raise SystemExit(f"{gguf_path}: {e}") from None
     print(f"importing {gguf_path.name}: {field(reader, 'general.name') or 'a Llama'}, "
           f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, vocabulary {config['vocab_size']}, "
