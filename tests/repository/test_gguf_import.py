@@ -165,7 +165,10 @@ def test_unsupported_files_get_one_error_naming_what(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"tensor types that cannot be dequantized are not supported: Q8_K \(1 "):
         build_engine.main(["--model", str(tmp_path / "q8k.gguf"), "--engines-dir", str(tmp_path / "engines")])
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
-    with pytest.raises(SystemExit, match="holds 2 GGUF files"):
+    (tmp_path / "text.gguf").write_text("not a GGUF file")
+    with pytest.raises(SystemExit, match="not a GGUF file gguf-py can read"):
+        build_engine.main(["--model", str(tmp_path / "text.gguf"), "--engines-dir", str(tmp_path / "engines")])
+    with pytest.raises(SystemExit, match="holds 3 GGUF files"):
         build_engine.main(["--model", str(tmp_path), "--engines-dir", str(tmp_path / "engines")])
 
 
