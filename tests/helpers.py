@@ -27,6 +27,7 @@ from service.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hello there"}]
+SMOLLM2 = "smollm2-135m-instruct"  # the real model `make smollm2` builds into engines/
 
 
 def free_port() -> int:

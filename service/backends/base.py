@@ -52,14 +52,17 @@ class SamplingParams:
 class GuidedDecoding:
     """Constrained decoding: the output must match this (xgrammar semantics in both engines).
 
-    Exactly one field is set. `json_schema` is JSON text (a forced tool call is one too, see
-    service/tools.py); `json_object` asks for any JSON object, i.e. the schema
-    `service.backends.grammar.JSON_OBJECT_SCHEMA`; `ebnf` is an xgrammar EBNF grammar.
+    Exactly one of the first three is set. `json_schema` is JSON text (a forced tool call is one too, see
+    service/chat/tools.py); `json_object` asks for any JSON object, i.e. the schema
+    `service.backends.grammar.JSON_OBJECT_SCHEMA`; `ebnf` is an xgrammar EBNF grammar. `tags`, with
+    `json_schema`, puts the document between two texts (a Hermes-style call's `<tool_call>` and
+    `</tool_call>`); they hold no control characters, so the output still never needs one.
     """
 
     json_schema: str | None = None
     json_object: bool = False
     ebnf: str | None = None
+    tags: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 
 TensorRT-LLM guides decoding with xgrammar, so the reference engine does too,
 and both take the same `GuidedDecoding`: a JSON schema's text (TensorRT-LLM's
-`GuidedDecodingParams(json=...)`) or an EBNF grammar (`grammar=...`). Schemas
+`GuidedDecodingParams(json=...)`) or an EBNF grammar (`grammar=...`), which is
+also how a JSON schema between tags (a Hermes-style tool call) goes. Schemas
 were checked by the serving layer (service/chat/schemas.py) before any engine
 sees them; what is left here is compiling them against a tokenizer.
 
@@ -14,6 +15,7 @@ any object, never a bare array or string.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -27,8 +29,30 @@ COMPILE_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars: ~0.2 MB each at 4k
 
 
 def schema_text(guided: GuidedDecoding) -> str | None:
-    """The JSON schema an engine compiles for `guided`, or None for an EBNF grammar."""
+    """The JSON schema an engine compiles for `guided`, or None when it compiles a grammar (grammar_text)."""
+    if guided.tags is not None:
+        return None
     return JSON_OBJECT_SCHEMA if guided.json_object else guided.json_schema
+
+
+def _literal(text: str) -> xgr.Grammar:
+    return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
+
+
+def grammar_text(guided: GuidedDecoding) -> str | None:
+    """The xgrammar EBNF an engine compiles for `guided`, or None for a bare JSON schema: `ebnf`, or the JSON schema
+    between its tags (compact JSON, as the reference engine compiles every schema)."""
+    if guided.tags is None:
+        return guided.ebnf
+    before, after = guided.tags
+    document = xgr.Grammar.from_json_schema(guided.json_schema or JSON_OBJECT_SCHEMA, any_whitespace=False)
+    return str(xgr.Grammar.concat(_literal(before), document, _literal(after)))
+
+
+def json_document(guided: GuidedDecoding) -> bool:
+    """Whether the output is compact JSON (between tags without control characters, maybe), which never holds a
+    raw control character."""
+    return guided.json_object or guided.json_schema is not None
 
 
 class GrammarCache:
@@ -69,7 +93,8 @@ class GrammarCache:
         try:
             if text is not None:
                 return self._compiler.compile_json_schema(text, any_whitespace=False)
-            return self._compiler.compile_grammar(guided.ebnf or "")
+            return self._compiler.compile_grammar(grammar_text(guided) or "")
         except (RuntimeError, ValueError, TypeError) as e:
-            field = "response_format.json_schema.schema" if text is not None else "response_format"
+            field = "response_format.json_schema.schema" if text is not None else \
+                "tools" if guided.tags else "response_format"
             raise InvalidRequest(field, f"cannot compile the grammar: {e}") from None

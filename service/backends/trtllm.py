@@ -46,7 +46,7 @@ from service.backends.base import (
     TokenLogprob,
 )
 from service.backends.choices import Choices
-from service.backends.grammar import schema_text
+from service.backends.grammar import grammar_text, schema_text
 from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_table
 from service.config import EngineConfig, TrtllmConfig
 from service.repository.gpus import detect_gpus
@@ -143,7 +143,8 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], 
 
 
 def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
-    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF.
+    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF (a
+    schema between tags, a Hermes-style forced call, goes as EBNF).
 
     json_object goes as the schema {"type": "object"}, as the reference engine compiles it:
     `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array."""
@@ -152,9 +153,8 @@ def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
     schema = schema_text(guided)
     if schema is not None:
         return {"json": schema}
-    if guided.ebnf is not None:
-        return {"grammar": guided.ebnf}
-    return None
+    grammar = grammar_text(guided)
+    return None if grammar is None else {"grammar": grammar}
 
 
 def _logprob_value(entry: Any) -> float:

@@ -90,7 +90,8 @@ class Answer:
         self._valid = valid
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._created = int(time.time())
-        self._choices = [_Choice(ToolCallParser(valid.tool_names)) for _ in range(valid.n)]
+        self._choices = [_Choice(ToolCallParser(valid.tool_names, valid.model.template.tool_format))
+                         for _ in range(valid.n)]
         self._role_sent = False
 
     def usage(self) -> chat_pb2.Usage:

@@ -1,14 +1,22 @@
-"""Tool calls in the Llama 3.1 JSON form: the grammar that forces one, the parser that finds one.
+"""Tool calls in the model's tool format: the grammar that forces one, the parser that finds one.
 
-Llama 3.1 and its Nemotron fine-tune are trained to call a tool by answering
-`{"name": "<function>", "parameters": {...}}`, sometimes after
-`<|python_tag|>`; their chat templates print past calls the same way. So:
+A model's format is its chat template's (service/models/template.py):
+
+- "llama-3.1-json": Llama 3.1 and its Nemotron fine-tune are trained to call a
+  tool by answering `{"name": "<function>", "parameters": {...}}`, sometimes
+  after `<|python_tag|>`; their chat templates print past calls the same way.
+- "hermes": for templates that cannot show tools, llmserve asks for
+  `<tool_call>{"name": "<function>", "arguments": {...}}</tool_call>`
+  (service/models/hermes.py).
+
+Either way:
 
 - tool_choice "required" or a named function: decoding is constrained to
-  exactly that object, by a JSON schema (one branch per allowed tool, its
-  arguments valid against the tool's `parameters`);
-- "auto": the model decides; an answer that opens with such an object naming
-  a known tool is a call, anything else is content;
+  exactly one call, by a JSON schema (one branch per allowed tool, its
+  arguments valid against the tool's `parameters`), between the tags for
+  "hermes";
+- "auto": the model decides; an answer that opens with a call of a known tool
+  is a call, anything else is content;
 - "none": tools never reach the prompt and nothing is parsed.
 
 `ToolCallParser` turns a choice's text, fed as it streams, into content and
@@ -25,11 +33,16 @@ from typing import Any
 import regex
 from google.protobuf import json_format
 
-from service.chat.schemas import plain_json, schema_problem
+from service.backends.base import GuidedDecoding
+from service.chat.schemas import plain_json, schema_json, schema_problem
 from service.errors import FieldViolation
 from service.gen.llmserve.v1 import chat_pb2
+from service.models.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from service.models.template import HERMES, LLAMA_JSON
 
 PYTHON_TAG = "<|python_tag|>"
+# What comes before a call's JSON object, by tool format.
+_CALL_PREFIX = {LLAMA_JSON: rf"(?:{regex.escape(PYTHON_TAG)}\s*)?", HERMES: rf"{regex.escape(TOOL_CALL_OPEN)}\s*"}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # OpenAI: no parameters means none
 
 
@@ -78,9 +91,10 @@ def _rebase_refs(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def call_schema(tools: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def call_schema(tools: dict[str, dict[str, Any]], tool_format: str) -> dict[str, Any]:
     """The JSON schema of one call of any of `tools`. Each tool's `$defs` (pydantic writes them) move to the
     root under a prefix, since a `#/$defs/...` reference means the root of the whole schema."""
+    arguments = "arguments" if tool_format == HERMES else "parameters"
     branches, defs = [], {}
     for i, (name, parameters) in enumerate(tools.items()):
         parameters = dict(parameters)
@@ -88,12 +102,24 @@ def call_schema(tools: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for def_name, definition in (parameters.pop(key, None) or {}).items():
                 defs[f"tool{i}_{def_name}"] = _rebase_refs(definition, f"#/{key}/", f"#/$defs/tool{i}_")
             parameters = _rebase_refs(parameters, f"#/{key}/", f"#/$defs/tool{i}_")
-        branches.append({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
-                         "required": ["name", "parameters"], "additionalProperties": False})
+        branches.append({"type": "object", "properties": {"name": {"const": name}, arguments: parameters},
+                         "required": ["name", arguments], "additionalProperties": False})
     schema: dict[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
     if defs:
         schema = {**schema, "$defs": defs}
     return schema
+
+
+def forced_call(tools: dict[str, dict[str, Any]], tool_format: str,
+                violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """Decoding constrained to one call of one of `tools`, as the model's format writes it."""
+    schema = call_schema(tools, tool_format)
+    problem = schema_problem(schema)
+    if problem:
+        violations.append(FieldViolation("tools", problem))
+        return None
+    tags = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tool_format == HERMES else None
+    return GuidedDecoding(json_schema=schema_json(schema), tags=tags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +145,17 @@ class ToolCallParser:
     """One choice's text in, content or a tool call out, piece by piece.
 
     Text is held only while it could still be the opening of a call
-    (`{"name": "<known tool>", "parameters": `); then the call starts and the
-    arguments object streams through as it is written, up to its closing
-    brace. Llama 3.1 makes one call per turn, so what follows is dropped.
+    (`{"name": "<known tool>", "parameters": `, after `<tool_call>` in the
+    "hermes" format); then the call starts and the arguments object streams
+    through as it is written, up to its closing brace. An answer holds one
+    call (Llama 3.1 makes one per turn), so what follows is dropped, the
+    closing `</tool_call>` included.
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], tool_format: str) -> None:
         alternatives = "|".join(regex.escape(n) for n in names)  # names are [a-zA-Z0-9_-]: no JSON escapes
         self._opening = regex.compile(
-            rf'\s*(?:{regex.escape(PYTHON_TAG)}\s*)?\{{\s*"name"\s*:\s*"({alternatives})"\s*,\s*'
-            rf'"(?:parameters|arguments)"\s*:\s*')
+            rf'\s*{_CALL_PREFIX[tool_format]}\{{\s*"name"\s*:\s*"({alternatives})"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
         self._held = ""
         self._state = "deciding" if names else "content"
         self._depth = 0

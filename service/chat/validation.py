@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from service.admission import Call
 from service.backends.base import GenerationRequest, GuidedDecoding, SamplingParams
 from service.chat.schemas import plain_json, schema_json, schema_problem
-from service.chat.tools import call_schema, callable_tools, tool_mode
+from service.chat.tools import callable_tools, forced_call, tool_mode
 from service.config import ServerConfig
 from service.errors import FieldViolation, ServiceError
 from service.gen.llmserve.v1 import chat_pb2
@@ -126,20 +126,16 @@ def _cross_field_violations(req: chat_pb2.ChatCompletionRequest) -> list[FieldVi
     return out
 
 
-def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]],
-            violations: list[FieldViolation]) -> GuidedDecoding | None:
-    """The output's constraint: a mandatory tool call's schema, or the response format's."""
-    if tools and tool_mode(req) in ("required", "function"):
-        schema, field = call_schema(tools), "tools"
-    elif req.response_format.type == "json_object":
+def _response_format(req: chat_pb2.ChatCompletionRequest, violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """The output's constraint the response format asks for (forced tool calls depend on the model: _guided)."""
+    if req.response_format.type == "json_object":
         return GuidedDecoding(json_object=True)
-    elif req.response_format.type == "json_schema" and req.response_format.json_schema.HasField("schema"):
-        schema, field = plain_json(json_format.MessageToDict(req.response_format.json_schema.schema)), _RESPONSE_SCHEMA
-    else:
+    if req.response_format.type != "json_schema" or not req.response_format.json_schema.HasField("schema"):
         return None
+    schema = plain_json(json_format.MessageToDict(req.response_format.json_schema.schema))
     problem = schema_problem(schema)
     if problem:
-        violations.append(FieldViolation(field, problem))
+        violations.append(FieldViolation(_RESPONSE_SCHEMA, problem))
         return None
     return GuidedDecoding(json_schema=schema_json(schema))
 
@@ -163,6 +159,15 @@ def _for_template(message: chat_pb2.ChatMessage) -> dict[str, Any]:
     if turn.get("role") == "developer":  # OpenAI's newer name; the models' templates know "system"
         turn["role"] = "system"
     return turn
+
+
+def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]], model: ServedModel,
+            response_format: GuidedDecoding | None, violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """The output's constraint: a mandatory tool call, as the model's tool format writes it, or the response
+    format's."""
+    if tools and tool_mode(req) in ("required", "function"):
+        return forced_call(tools, model.template.tool_format, violations)
+    return response_format
 
 
 def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]] | None = None,
@@ -259,9 +264,10 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     req = _with_functions_as_tools(req)
     renderable = _renderable(violations)
     tools = callable_tools(req, violations)
-    guided = _guided(req, tools, violations)
+    response_format = _response_format(req, violations)
     model = _served(registry, req.model, violations)
     logit_bias = _logit_bias(req, model, violations)
+    guided = _guided(req, tools, model, response_format, violations)
     prompt: list[int] = []
     max_tokens = 0
     if renderable:

@@ -5,6 +5,13 @@ transformers' `apply_chat_template`, so a checkpoint's tokenizer_config.json
 template is used exactly as its authors wrote it. A template that rejects a
 conversation (Llama 2's "roles must alternate") becomes a ChatTemplateError a
 client can read, never a traceback.
+
+Tools reach the prompt one of two ways, the model's `tool_format`:
+"llama-3.1-json" when its template renders `tools` itself (Llama 3.1 and
+Nemotron ask for `{"name": ..., "parameters": {...}}`), "hermes" when it does
+not (rendering with and without a tool gives the same prompt): then llmserve
+writes tools, past calls and results into the conversation itself
+(service/models/hermes.py) rather than let them vanish.
 """
 
 from __future__ import annotations
@@ -16,6 +23,12 @@ from typing import Any
 
 import jinja2
 
+from service.models import hermes
+
+LLAMA_JSON, HERMES = "llama-3.1-json", "hermes"
+_PROBE_MESSAGES = [{"role": "user", "content": "What time is it?"}]
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "The current time",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -45,15 +58,27 @@ class ChatTemplate:
         if not self._template:
             raise ValueError("the model's tokenizer has no chat template; set chat_template in its manifest "
                              f"(templates for the target families are in {TEMPLATES})")
+        self.tool_format = LLAMA_JSON if self._renders_tools() else HERMES
+
+    def _renders_tools(self) -> bool:
+        try:
+            return self._apply(_PROBE_MESSAGES, _PROBE_TOOLS, True) != self._apply(_PROBE_MESSAGES, None, True)
+        except ChatTemplateError:  # a template that fails on tools cannot render them
+            return False
+
+    def _apply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+               add_generation_prompt: bool) -> str:
+        try:
+            return self._tokenizer.apply_chat_template(messages, tools=tools, chat_template=self._template,
+                                                       add_generation_prompt=add_generation_prompt, tokenize=False)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+            raise ChatTemplateError("messages", f"the model's chat template rejected the conversation: {e}") from None
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> str:
-        try:
-            return self._tokenizer.apply_chat_template(
-                [_for_template(m) for m in messages], tools=tools, chat_template=self._template,
-                add_generation_prompt=add_generation_prompt, tokenize=False)
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
-            raise ChatTemplateError("messages", f"the model's chat template rejected the conversation: {e}") from None
+        if self.tool_format == HERMES:
+            return self._apply(hermes.conversation(messages, tools), None, add_generation_prompt)
+        return self._apply([_for_template(m) for m in messages], tools, add_generation_prompt)
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> list[int]:

@@ -133,7 +133,8 @@ async def test_list_models_and_tokenize(stub: chat_pb2_grpc.ChatServiceStub) -> 
     models = await stub.ListModels(chat_pb2.ListModelsRequest())
     assert [m.id for m in models.data] == ["demo"]
     demo = models.data[0]
-    assert (demo.backend, demo.context_length, demo.owned_by) == ("reference", 2048, "llmserve")
+    assert (demo.backend, demo.context_length, demo.owned_by, demo.tool_format) == (
+        "reference", 2048, "llmserve", "llama-3.1-json")
     assert demo.profile.gpu_architecture == "cpu" and demo.profile.id
     text = await stub.Tokenize(chat_pb2.TokenizeRequest(model="demo", text="hello world"))
     assert text.count == len(text.tokens) > 0 and text.max_model_len == 2048

@@ -9,8 +9,8 @@ complete unless max_tokens or a stop string cut it short.
 JSON written without free whitespace never contains a raw control character
 (newlines and tabs inside strings are escaped), yet xgrammar 0.2's
 length-bounded strings (`maxLength`) admit them, and `json.loads` refuses
-them. So tokens holding such bytes are masked too whenever the grammar is a
-JSON schema.
+them. So tokens holding such bytes are masked too whenever the output is a
+JSON document (between a tool call's tags, maybe: they hold none either).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding
-from service.backends.grammar import GrammarCache, schema_text
+from service.backends.grammar import GrammarCache, json_document
 
 
 class GrammarProcessor:
@@ -59,5 +59,5 @@ class Guides:
         self.grammars.get(guided)
 
     def processor(self, guided: GuidedDecoding) -> GrammarProcessor:
-        banned = self._control if schema_text(guided) is not None else None
+        banned = self._control if json_document(guided) else None
         return GrammarProcessor(self.grammars.get(guided), self._vocab_size, banned)
