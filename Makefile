@@ -14,7 +14,7 @@ TOOLS      := build/tools
 WHEELS     ?= /opt/wheels
 LATEST_DIR := build/latest
 
-.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo clean
+.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo demo-llama-3.1 clean
 
 install: $(VENV)/.installed service/gen/__init__.py
 
@@ -56,8 +56,17 @@ proto: $(VENV)/.installed
 
 demo: engines/demo/manifest.json
 
-engines/demo/manifest.json: | install
+# The demo models carry the chat template and their build's code: rebuilt (in seconds) when those change.
+DEMO_SOURCES := service/repository/build/demo.py service/models/templates/llama-3.1-instruct.jinja
+
+engines/demo/manifest.json: $(DEMO_SOURCES) | install
 	$(BIN)/python build_engine.py --demo
+
+# The demo with Meta's own Llama 3 tokenizer (from llama-models, a dev dependency): the tests' token-id oracle.
+demo-llama-3.1: engines/demo-llama-3.1/manifest.json
+
+engines/demo-llama-3.1/manifest.json: $(DEMO_SOURCES) service/repository/build/llama3_tokenizer.py | install
+	$(BIN)/python build_engine.py --demo --tokenizer llama-3.1 --name demo-llama-3.1
 
 serve: install demo
 	$(BIN)/llmserve serve
@@ -76,7 +85,7 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 	cd tests/node && npm ci --no-audit --no-fund --silent
 	touch $@
 
-test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo lint node-deps
+test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo demo-llama-3.1 lint node-deps
 	$(BIN)/pytest -q -ra
 
 bench: install demo
@@ -86,4 +95,4 @@ soak: install demo
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
 
 clean:
-	rm -rf $(VENV) build service/gen engines/demo
+	rm -rf $(VENV) build service/gen engines/demo engines/demo-llama-3.1
