@@ -4,7 +4,9 @@ Templates are the models' documented prompt formats; rendering goes through
 transformers' `apply_chat_template`, so a checkpoint's tokenizer_config.json
 template is used exactly as its authors wrote it. A template that rejects a
 conversation (Llama 2's "roles must alternate") becomes a ChatTemplateError a
-client can read, never a traceback.
+client can read, never a traceback. Special-token text in what the client sent
+stays text: only the template's own special tokens are special
+(service/models/special_text.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+
+from service.models.special_text import MarkersLost, SpecialText
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -45,17 +49,31 @@ class ChatTemplate:
         if not self._template:
             raise ValueError("the model's tokenizer has no chat template; set chat_template in its manifest "
                              f"(templates for the target families are in {TEMPLATES})")
+        self._special = SpecialText(tokenizer)
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> str:
+        return self._render([_for_template(m) for m in messages], tools, add_generation_prompt)
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                add_generation_prompt: bool) -> str:
         try:
-            return self._tokenizer.apply_chat_template(
-                [_for_template(m) for m in messages], tools=tools, chat_template=self._template,
-                add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self._tokenizer.apply_chat_template(messages, tools=tools, chat_template=self._template,
+                                                       add_generation_prompt=add_generation_prompt, tokenize=False)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
             raise ChatTemplateError("messages", f"the model's chat template rejected the conversation: {e}") from None
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered prompt; templates write BOS themselves, so none is added here."""
-        return self._tokenizer.encode(self.render(messages, tools, add_generation_prompt), add_special_tokens=False)
+        """Token ids of the rendered prompt: special tokens where the template writes them, never in what the
+        client sent. Templates write BOS themselves, so none is added here."""
+        messages = [_for_template(m) for m in messages]
+        if not (self._special.found_in(messages) or self._special.found_in(tools)):
+            return self._tokenizer.encode(self._render(messages, tools, add_generation_prompt),
+                                          add_special_tokens=False)
+        try:
+            return self._special.encode(lambda mark: self._render(mark(messages), mark(tools), add_generation_prompt))
+        except MarkersLost as e:
+            raise ChatTemplateError("messages", f"a message holds special-token text and the model's chat template "
+                                                f"does not render it whole ({e}), so it cannot be kept as text: "
+                                                "remove it") from None
