@@ -134,6 +134,11 @@ def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]]
     return model.template.encode(dicts, tools, add_generation_prompt)
 
 
+def _tool_dicts(tools: Any) -> list[dict[str, Any]] | None:
+    """The tools as the chat template takes them (OpenAI's JSON form), or None for no tools."""
+    return [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in tools] or None
+
+
 def _renderable(violations: list[FieldViolation]) -> bool:
     """Whether the conversation itself is sound enough to render (and so to count its tokens)."""
     return not any(v.field == "messages" or v.field.startswith("messages[") for v in violations)
@@ -207,8 +212,7 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     prompt: list[int] = []
     max_tokens = 0
     if renderable:
-        offered = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in req.tools] \
-            if req.tools and tool_mode(req) != "none" else None
+        offered = _tool_dicts(req.tools) if tool_mode(req) != "none" else None
         try:
             prompt = render_prompt(model, req.messages, offered)
         except ChatTemplateError as e:
@@ -229,6 +233,8 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
         violations.append(FieldViolation("text", "exactly one of text and messages must be set"))
     if req.HasField("text") and len(req.text) > limits.max_content_chars:
         violations.append(FieldViolation("text", f"at most {limits.max_content_chars} characters"))
+    if req.tools and not req.messages:
+        violations.append(FieldViolation("tools", "only with messages: tools are rendered by the chat template"))
     violations += _message_violations(list(req.messages), limits)
     renderable = _renderable(violations)
     model = _served(registry, req.model, violations)
@@ -239,7 +245,7 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
     elif req.messages and renderable:
         add_generation_prompt = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
         try:
-            tokens = render_prompt(model, req.messages, add_generation_prompt=add_generation_prompt)
+            tokens = render_prompt(model, req.messages, _tool_dicts(req.tools), add_generation_prompt)
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
     if violations:
