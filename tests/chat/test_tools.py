@@ -63,11 +63,11 @@ CALLS = [
     ' \n{ "name" : "book_table" ,\n "parameters" : {"people": 2, "outdoor": false, "dishes": ["a}", "b\\"{"]}} ',
     '<|python_tag|>{"name": "ping", "parameters": {}}',
     '{"name": "get_weather", "arguments": {"city": "{[", "unit": "fahrenheit"}}',
+    '{"parameters": {}, "name": "ping"}',
 ]
 NOT_CALLS = [
     "Hello there",
     '{"name": "unknown_tool", "parameters": {}}',
-    '{"parameters": {}, "name": "ping"}',
     '{"name": "get_weathe", "parameters": {}}',
     "  {not json",
     "",
