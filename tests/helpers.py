@@ -27,6 +27,7 @@ from service.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hello there"}]
+LLAMA31 = "demo-llama-3.1"  # the demo with Meta's own Llama 3 tokenizer
 
 
 def free_port() -> int:

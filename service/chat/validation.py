@@ -11,6 +11,7 @@ all three back, each with its field path (`messages[1].role`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,8 +136,17 @@ def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]]
 
 
 def _tool_dicts(tools: Any) -> list[dict[str, Any]] | None:
-    """The tools as the chat template takes them (OpenAI's JSON form), or None for no tools."""
-    return [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in tools] or None
+    """The tools as the chat template takes them (OpenAI's JSON form), or None for no tools. A Struct keeps no key
+    order (it changes from process to process, even from copy to copy), so the parameters' keys are sorted: the
+    same tools always make the same prompt, token for token. Integral numbers stay integers."""
+    out = []
+    for tool in tools:
+        tool_dict = json_format.MessageToDict(tool, preserving_proto_field_name=True)
+        function = tool_dict.get("function", {})
+        if "parameters" in function:
+            function["parameters"] = plain_json(json.loads(json.dumps(function["parameters"], sort_keys=True)))
+        out.append(tool_dict)
+    return out or None
 
 
 def _renderable(violations: list[FieldViolation]) -> bool:
