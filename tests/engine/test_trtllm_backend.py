@@ -167,8 +167,10 @@ def test_eos_ends_the_choice_without_text_unless_ignored(tokenizer: Any) -> None
     assert [(e.finish_reason, e.completion_tokens) for e in events if isinstance(e, Finished)] == [
         (FinishReason.STOP, len(ids) + 1)]
     ignoring = streams_for(tokenizer, request(ignore_eos=True))
-    events = ignoring.events([FakeCompletionOutput(0, [*ids, 4])])
-    assert not ignoring.done and sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta)) == len(ids) + 1
+    events = ignoring.events([FakeCompletionOutput(0, [*ids, 4, 1, *ids])])
+    assert not ignoring.done and sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta)) == 2 * len(ids) + 2
+    assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == "hello worldhello world", \
+        "an ignored end-of-turn token is generated, but it is not text"
 
 
 def test_length_and_cancelled_finishes_count_tokens(tokenizer: Any) -> None:

@@ -175,7 +175,8 @@ class EngineCore:
             if token in self.eos and (not seq.params.ignore_eos or seq.logits_processors):
                 text, reason = "", FinishReason.STOP
             else:
-                text, stopped = seq.detok.add(token)
+                # ignore_eos: an end-of-turn token is generated and counted, but it is never text.
+                text, stopped = ("", False) if token in self.eos else seq.detok.add(token)
                 if stopped:
                     reason = FinishReason.STOP
                 elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_len:
