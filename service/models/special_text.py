@@ -182,8 +182,9 @@ class SpecialText:
         return False
 
     def encode(self, render: Callable[[Callable[[Any], Any]], str]) -> list[int]:
-        """Token ids of `render(mark)`, a rendering of the conversation with `mark` applied to what the client
-        sent: special tokens only where the template wrote them. Raises MarkersLost."""
+        """Token ids of the conversation that `render(mark)` renders with `mark` applied to what the client sent:
+        special tokens only where the template wrote them. Raises MarkersLost unless the marked rendering, markers
+        removed, is the plain one (a second rendering, on this rare path)."""
         marks = _Marks()
 
         def mark(value: Any) -> Any:
@@ -196,6 +197,8 @@ class SpecialText:
             return value
 
         text, own = marks.remove(render(mark))
+        if text != render(lambda value: value):
+            raise MarkersLost("the chat template changed a marked string")
         cuts = self._template_tokens(text, own)
         ids: list[int] = []
         start = 0
