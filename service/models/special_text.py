@@ -34,7 +34,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer, escaper or trim touches them
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no escaping, case filter or trim changes them
 
 
 class MarkersLost(ValueError):
