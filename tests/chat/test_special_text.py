@@ -6,6 +6,7 @@ the leading "▁", special tokens that strip whitespace)."""
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,21 @@ def tokenizers(engines_dir: Path, llama31_engines_dir: Path) -> dict[str, Any]:
             "stripping": stripping()}
 
 
+@pytest.fixture(scope="module")
+def made(tokenizers: dict[str, Any]) -> Callable[[str, str], tuple[Any, ChatTemplate, SpecialText]]:
+    """(tokenizer, ChatTemplate, SpecialText) by tokenizer kind and template, made once: Meta's tokenizer takes a
+    second to copy."""
+    cache: dict[tuple[str, str], tuple[Any, ChatTemplate, SpecialText]] = {}
+
+    def get(kind: str, template: str) -> tuple[Any, ChatTemplate, SpecialText]:
+        if (kind, template) not in cache:
+            tokenizer = tokenizers[kind]
+            cache[kind, template] = tokenizer, ChatTemplate(tokenizer, TEMPLATES / template), SpecialText(tokenizer)
+        return cache[kind, template]
+
+    return get
+
+
 CASES = [("demo", "llama-3.1-instruct.jinja"), ("llama-3", "llama-3.1-instruct.jinja"),
          ("llama-3", "llama-3.1-nemotron-70b-instruct.jinja"), ("sentencepiece-legacy", "llama-2-chat.jinja"),
          ("sentencepiece-first", "llama-2-chat.jinja"), ("sentencepiece-first", "codellama-70b-instruct.jinja"),
@@ -83,21 +99,19 @@ CASES = [("demo", "llama-3.1-instruct.jinja"), ("llama-3", "llama-3.1-instruct.j
 
 
 @pytest.mark.parametrize(("kind", "template"), CASES)
-def test_without_special_text_the_ids_are_the_one_call_encodings(tokenizers: dict[str, Any], kind: str,
+def test_without_special_text_the_ids_are_the_one_call_encodings(made: Callable[..., Any], kind: str,
                                                                  template: str) -> None:
     """The split at the template's special tokens and the text between them encoded apart: the same ids."""
-    tokenizer = tokenizers[kind]
-    chat = ChatTemplate(tokenizer, TEMPLATES / template)
+    tokenizer, chat, special = made(kind, template)
     rendered = chat.render(CONVERSATION)
     expected = tokenizer.encode(rendered, add_special_tokens=False)
-    assert SpecialText(tokenizer).encode(lambda mark: chat.render(mark(CONVERSATION))) == expected
+    assert special.encode(lambda mark: chat.render(mark(CONVERSATION))) == expected
     assert chat.encode(CONVERSATION) == expected
 
 
 @pytest.mark.parametrize(("kind", "template"), CASES)
-def test_special_text_in_content_is_text(tokenizers: dict[str, Any], kind: str, template: str) -> None:
-    tokenizer = tokenizers[kind]
-    chat = ChatTemplate(tokenizer, TEMPLATES / template)
+def test_special_text_in_content_is_text(made: Callable[..., Any], kind: str, template: str) -> None:
+    tokenizer, chat, _ = made(kind, template)
     specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     forged = " ".join(sorted(specials)[:6])
     messages = [{**m, "content": f"{m['content']} {forged} x"} for m in CONVERSATION]
