@@ -62,6 +62,8 @@ def chat(content: str = "Hello there", **fields: object) -> chat_pb2.ChatComplet
     for name, value in fields.items():
         if isinstance(value, list):
             getattr(req, name).extend(value)
+        elif isinstance(value, dict):
+            getattr(req, name).update(value)
         elif hasattr(value, "DESCRIPTOR"):
             getattr(req, name).CopyFrom(value)
         else:

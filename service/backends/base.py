@@ -44,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), -100 to 100
+    skip_special_tokens: bool = True  # special tokens' text (<|eot_id|>) never reaches the output unless False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ TensorRT-LLM and the gRPC workers return token ids only (llmserve asks them
 not to detokenize), so text is made here, with the same byte-exact incremental
 detokenizer and stop-string hold-back as the reference engine: every engine
 streams the same text for the same tokens. An end-of-turn token ends its
-choice without text, as in the reference engine; with ignore_eos it ends
-nothing and is still not text.
+choice without text, and special tokens (an end-of-turn token under
+ignore_eos included) add none unless the request asks for their text, as in
+the reference engine.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from service.backends.detokenizer import IncrementalDetokenizer
 
 
 class Choices:
-    def __init__(self, request: GenerationRequest, table: list[bytes], eos_ids: set[int]) -> None:
+    def __init__(self, request: GenerationRequest, table: list[bytes], eos_ids: set[int],
+                 special: frozenset[int]) -> None:
         self._request = request
         self._table = table
-        self._eos = eos_ids
-        self._dets = [IncrementalDetokenizer(table, request.sampling.stop) for _ in range(request.n)]
+        self._eos = set() if request.sampling.ignore_eos else eos_ids
+        silent = special if request.sampling.skip_special_tokens else frozenset()
+        self._dets = [IncrementalDetokenizer(table, request.sampling.stop, silent) for _ in range(request.n)]
         self._seen = [0] * request.n
         self._finished = [False] * request.n
         self.queue_time = 0.0
@@ -45,15 +48,12 @@ class Choices:
     def advance(self, index: int, tokens: list[int], finish: FinishReason | None,
                 logprobs: list[TokenLogprob] | None = None) -> list[Event]:
         """Events for the choice's new tokens; `finish` is the engine's own reason when it ended the choice. Tokens
-        after an end-of-turn token or a stop string are dropped: the choice ends there. With ignore_eos an
-        end-of-turn token does not end it, and is not text either."""
+        after an end-of-turn token or a stop string are dropped: the choice ends there."""
         det = self._dets[index]
         text, stopped, taken = [], False, 0
         for token_id in tokens:
             taken += 1
             if token_id in self._eos:
-                if self._request.sampling.ignore_eos:
-                    continue
                 stopped = True
                 break
             piece, stopped = det.add(token_id)

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer
 
 from service.backends.base import (
@@ -46,7 +47,7 @@ from service.backends.base import (
 )
 from service.backends.choices import Choices
 from service.backends.grammar import schema_text
-from service.backends.vocab import eos_token_ids, token_byte_table
+from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_table
 from service.config import EngineConfig, TrtllmConfig
 from service.repository.gpus import detect_gpus
 from service.repository.manifest import ModelManifest
@@ -103,7 +104,8 @@ def create_runtime(profile: Profile, manifest: ModelManifest, config: TrtllmConf
 # -- request mapping (pure) ------------------------------------------------------------------------------------
 
 
-def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], eos_ids: set[int]) -> dict[str, Any]:
+def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], eos_ids: set[int],
+                    vocab_size: int) -> dict[str, Any]:
     """SamplingParams keyword arguments for a request (each a field in tests/fixtures/trtllm-sampling-params.txt)."""
     s = request.sampling
     kwargs: dict[str, Any] = {
@@ -133,6 +135,10 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], 
             kwargs["min_p"] = s.min_p
     if s.logprobs:
         kwargs["logprobs"] = max(1, s.top_logprobs)
+    if s.logit_bias:  # the runtime adds embedding_bias to the logits, as the reference engine adds logit_bias
+        bias = torch.zeros(vocab_size, dtype=torch.float32)
+        bias[torch.tensor([t for t, _ in s.logit_bias])] = torch.tensor([b for _, b in s.logit_bias])
+        kwargs["embedding_bias"] = bias
     return kwargs
 
 
@@ -200,6 +206,7 @@ class TrtllmEngine(Engine):
         self.tokenizer: Any = AutoTokenizer.from_pretrained(manifest.checkpoint)
         self._table = token_byte_table(self.tokenizer)
         self._eos = eos_token_ids(manifest.checkpoint, self.tokenizer)
+        self._special = special_token_ids(self.tokenizer)
         self._runtime: Runtime | None = None
         self._profile: Profile | None = None
         self._cancels: dict[str, asyncio.Event] = {}
@@ -236,8 +243,11 @@ class TrtllmEngine(Engine):
         waiting = self._waiting()
         if waiting >= self._engine_config.max_queue:
             raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._engine_config.max_queue})")
+        if request.n > self._max_batch():
+            raise InvalidRequest("n", f"{request.n} choices are decoded together, and this engine decodes at most "
+                                      f"{self._max_batch()} sequences at once (--trt-max-batch-size)")
         runtime = self._runtime
-        kwargs = sampling_kwargs(request, lambda: random.getrandbits(63), self._eos)
+        kwargs = sampling_kwargs(request, lambda: random.getrandbits(63), self._eos, len(self._table))
         guided = guided_kwargs(request.guided)
         try:
             if guided is not None:
@@ -257,7 +267,7 @@ class TrtllmEngine(Engine):
             request.request_id = f"{request.request_id}-{id(request):x}"
         cancelled = asyncio.Event()
         self._cancels[request.request_id] = cancelled
-        streams = ChoiceStreams(request, self._table, self._eos)
+        streams = ChoiceStreams(request, self._table, self._eos, self._special)
         outputs = aiter(result)
         first = True
         try:

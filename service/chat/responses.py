@@ -38,6 +38,8 @@ _FINISH_REASON_PB = {
 
 
 def engine_error(e: Exception) -> ServiceError:
+    if isinstance(e, ServiceError):  # raised on the way to the engine (a drain refusing a queued request)
+        return e
     if isinstance(e, QueueFull):
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {e}")
     if isinstance(e, InvalidRequest):

@@ -22,6 +22,8 @@ SEND_KEY = "send the header 'Authorization: Bearer <key>'"
 
 
 class ChatBackend(Protocol):
+    admission: Admission  # whose drain counts this backend's calls, and whose cutoff ends them
+
     def admit(self, call: Call) -> None:
         """Raises ServiceError when the caller may not be served now (key, loading, draining)."""
 
@@ -41,19 +43,19 @@ class InProcessBackend:
     def __init__(self, completions: ChatCompletions, registry: ModelRegistry, admission: Admission) -> None:
         self._completions = completions
         self._registry = registry
-        self._admission = admission
+        self.admission = admission
 
     def admit(self, call: Call) -> None:
-        self._admission.check_key(call.authorization, SEND_KEY)
-        self._admission.admit()
+        self.admission.check_key(call.authorization, SEND_KEY)
+        self.admission.admit()
 
     async def create(self, req: chat_pb2.ChatCompletionRequest, call: Call) -> chat_pb2.ChatCompletion:
-        with self._admission.tracked():
+        with self.admission.tracked():
             return await self._completions.create(req, call)
 
     async def stream(self, req: chat_pb2.ChatCompletionRequest,
                      call: Call) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
-        with self._admission.tracked():
+        with self.admission.tracked():
             async with aclosing(self._completions.stream(req, call)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -62,4 +64,4 @@ class InProcessBackend:
         return list_models(self._registry)
 
     async def readiness(self) -> tuple[bool, str]:
-        return self._admission.phase is Phase.SERVING, self._admission.phase.value
+        return self.admission.phase is Phase.SERVING, self.admission.phase.value

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.backends.detokenizer import IncrementalDetokenizer
-from service.backends.vocab import token_byte_table
+from service.backends.vocab import special_token_ids, token_byte_table
 from service.chat.tools import Arguments, CallStart, Content, ToolCallParser
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from tests.chat import meta_oracle as meta
@@ -26,6 +26,7 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"]}
 NAMES = ["get_weather", "book_table"]
+SPECIAL_IDS_START = 128_000  # Meta's 256 special tokens follow the BPE tokens
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def token_ids(logprobs: chat_pb2.ChoiceLogprobs, table: list[bytes]) -> list[int
 
 
 def text_of(ids: list[int], table: list[bytes]) -> str:
-    return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+    """What a client reads of these ids: special tokens add no text (skip_special_tokens, the default)."""
+    return b"".join(table[i] for i in ids if i < SPECIAL_IDS_START).decode("utf-8", errors="replace")
 
 
 def chat(**fields: Any) -> chat_pb2.ChatCompletionRequest:
@@ -59,7 +61,7 @@ async def test_each_end_of_turn_id_ends_a_choice_without_text(llama31_stub: chat
             ids = token_ids(choice.logprobs, table)
             assert choice.finish_reason == FR.FINISH_REASON_STOP and ids[-1] in meta.END_OF_TURN
             assert not meta.END_OF_TURN & set(ids[:-1])
-            assert choice.message.content == text_of(ids[:-1], table), "everything but the end of turn is text"
+            assert choice.message.content == text_of(ids, table), "the end of turn is not text"
             ended_by.add(ids[-1])
     assert ended_by == meta.END_OF_TURN
     streamed = [c.delta.content async for chunk in llama31_stub.StreamChatCompletion(chat(seed=0, max_tokens=400))
@@ -86,8 +88,7 @@ async def test_with_ignore_eos_end_of_turn_ids_are_generated_but_never_text(
             ids = token_ids(choice.logprobs, table)
             assert choice.finish_reason == FR.FINISH_REASON_LENGTH and len(ids) == 80
             generated |= meta.END_OF_TURN & set(ids)
-            text = text_of([i for i in ids if i not in meta.END_OF_TURN], table)
-            assert choice.message.content == texts[choice.index] == text
+            assert choice.message.content == texts[choice.index] == text_of(ids, table)
         assert reply.usage.completion_tokens == 4 * 80
     assert generated == meta.END_OF_TURN
 
@@ -163,10 +164,11 @@ DIFFERENT: dict[str, tuple[str, Any, Any]] = {
 }
 
 
-def llmserve_reading(tokens: list[int], table: list[bytes], whole: bool) -> tuple[str, list[tuple[str, Any]]]:
-    """What llmserve makes of the answer's tokens: the shared detokenizer's text, fed to the parser token by token
-    (as streamed) or at once (as answered)."""
-    detokenizer, parser = IncrementalDetokenizer(table, ()), ToolCallParser(NAMES)
+def llmserve_reading(tokens: list[int], table: list[bytes], silent: frozenset[int],
+                     whole: bool) -> tuple[str, list[tuple[str, Any]]]:
+    """What llmserve makes of the answer's tokens: the shared detokenizer's text (the `silent` special tokens add
+    none), fed to the parser token by token (as streamed) or at once (as answered)."""
+    detokenizer, parser = IncrementalDetokenizer(table, (), silent), ToolCallParser(NAMES)
     texts = [detokenizer.add(t)[0] for t in tokens] + [detokenizer.flush()]
     pieces = [p for text in (["".join(texts)] if whole else texts) for p in parser.feed(text)] + parser.finish()
     content = "".join(p.text for p in pieces if isinstance(p, Content))
@@ -174,17 +176,29 @@ def llmserve_reading(tokens: list[int], table: list[bytes], whole: bool) -> tupl
     return content, [(p.name, json.loads(arguments)) for p in pieces if isinstance(p, CallStart)]
 
 
+@pytest.fixture(scope="module", params=[True, False], ids=["skip_special_tokens", "with special tokens' text"])
+def silent(request: pytest.FixtureRequest, llama31_engines_dir: Path) -> frozenset[int]:
+    """Both ways a request may ask for the text: special tokens (<|python_tag|>) left out, or let through."""
+    tokenizer = AutoTokenizer.from_pretrained(llama31_engines_dir / LLAMA31 / "checkpoint")
+    return special_token_ids(tokenizer) if request.param else frozenset()
+
+
 @pytest.mark.parametrize("name", AGREED)
-def test_the_parser_reads_what_metas_reader_reads(table: list[bytes], name: str) -> None:
+def test_the_parser_reads_what_metas_reader_reads(table: list[bytes], silent: frozenset[int], name: str) -> None:
     tokens = meta.encode(AGREED[name])
-    assert llmserve_reading(tokens, table, whole=False) == llmserve_reading(tokens, table, whole=True) \
-        == meta.reading(tokens)
+    expected = meta.reading(tokens)
+    if silent and isinstance(expected, tuple):  # then <|python_tag|> is not in the content either
+        expected = (expected[0].replace("<|python_tag|>", ""), expected[1])
+    assert llmserve_reading(tokens, table, silent, whole=False) == llmserve_reading(tokens, table, silent, whole=True) \
+        == expected
 
 
 @pytest.mark.parametrize("name", DIFFERENT)
-def test_where_the_parser_reads_otherwise_on_purpose(table: list[bytes], name: str) -> None:
+def test_where_the_parser_reads_otherwise_on_purpose(table: list[bytes], silent: frozenset[int], name: str) -> None:
     text, metas, ours = DIFFERENT[name]
     tokens = meta.encode(text)
     assert meta.reading(tokens) == metas
-    expected = (text, []) if ours == "content" else ("", ours)
-    assert llmserve_reading(tokens, table, whole=False) == llmserve_reading(tokens, table, whole=True) == expected
+    shown = text.replace("<|python_tag|>", "") if silent else text
+    expected = (shown, []) if ours == "content" else ("", ours)
+    assert llmserve_reading(tokens, table, silent, whole=False) == llmserve_reading(tokens, table, silent, whole=True) \
+        == expected

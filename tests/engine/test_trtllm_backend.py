@@ -28,7 +28,7 @@ from service.backends.base import (
     SamplingParams,
     TokenDelta,
 )
-from service.backends.vocab import eos_token_ids, token_byte_table
+from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_table
 from service.config import EngineConfig, TrtllmConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.repository.gpus import detect_gpus, parse_gpu
@@ -68,19 +68,20 @@ SAMPLING_CASES = [
     {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": 11},
     {"presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "ignore_eos": True},
     {"stop": ("\n\n", "END"), "logprobs": True, "top_logprobs": 5},
+    {"logit_bias": ((3, -100.0), (9, 2.5))},
 ]
 
 
 @pytest.mark.parametrize("sampling", SAMPLING_CASES)
 def test_every_kwarg_is_a_field_of_the_pinned_sampling_params(sampling: dict[str, Any]) -> None:
-    kwargs = backend.sampling_kwargs(request(n=3, **sampling), lambda: 99, {2, 7})
+    kwargs = backend.sampling_kwargs(request(n=3, **sampling), lambda: 99, {2, 7}, 256)
     assert set(kwargs) <= SAMPLING_FIELDS, set(kwargs) - SAMPLING_FIELDS
 
 
 def test_the_fixtures_hold_the_fields_the_contract_needs() -> None:
     assert {"temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "n", "best_of", "presence_penalty",
             "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "logprobs", "detokenize",
-            "include_stop_str_in_output", "guided_decoding"} <= SAMPLING_FIELDS
+            "include_stop_str_in_output", "guided_decoding", "embedding_bias"} <= SAMPLING_FIELDS
     assert {"json", "json_object", "grammar"} <= GUIDED_FIELDS
 
 
@@ -88,7 +89,7 @@ def test_every_contract_field_is_mapped() -> None:
     kwargs = backend.sampling_kwargs(request(n=2, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                                              presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1,
                                              seed=5, stop=("END",), ignore_eos=True, logprobs=True,
-                                             top_logprobs=3), lambda: 99, {2})
+                                             top_logprobs=3), lambda: 99, {2}, 256)
     assert kwargs == {
         "max_tokens": 16, "n": 2, "best_of": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
         "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.1, "seed": 5,
@@ -97,24 +98,30 @@ def test_every_contract_field_is_mapped() -> None:
     }
 
 
+def test_logit_bias_is_the_runtimes_embedding_bias() -> None:
+    bias = backend.sampling_kwargs(request(logit_bias=((3, -100.0), (9, 2.5))), lambda: 0, set(), 16)["embedding_bias"]
+    assert bias.shape == (16,) and bias[3] == -100.0 and bias[9] == 2.5 and bias.abs().sum() == 102.5
+    assert "embedding_bias" not in backend.sampling_kwargs(request(), lambda: 0, set(), 16)
+
+
 def test_greedy_is_top_k_1_with_no_temperature() -> None:
-    kwargs = backend.sampling_kwargs(request(temperature=0.0, top_p=0.5, top_k=7), lambda: 99, set())
+    kwargs = backend.sampling_kwargs(request(temperature=0.0, top_p=0.5, top_k=7), lambda: 99, set(), 256)
     assert kwargs["top_k"] == 1
     assert "temperature" not in kwargs and "top_p" not in kwargs and "min_p" not in kwargs
 
 
 def test_no_seed_draws_one_per_request_and_logprobs_default_to_one() -> None:
-    assert backend.sampling_kwargs(request(), lambda: 1234, set())["seed"] == 1234
-    assert "logprobs" not in backend.sampling_kwargs(request(), lambda: 0, set())
-    assert backend.sampling_kwargs(request(logprobs=True), lambda: 0, set())["logprobs"] == 1
-    assert "stop" not in backend.sampling_kwargs(request(), lambda: 0, set())
+    assert backend.sampling_kwargs(request(), lambda: 1234, set(), 256)["seed"] == 1234
+    assert "logprobs" not in backend.sampling_kwargs(request(), lambda: 0, set(), 256)
+    assert backend.sampling_kwargs(request(logprobs=True), lambda: 0, set(), 256)["logprobs"] == 1
+    assert "stop" not in backend.sampling_kwargs(request(), lambda: 0, set(), 256)
 
 
 def test_every_eos_token_stops_unless_ignore_eos(tokenizer: Any, engines_dir: Path) -> None:
     """TensorRT-LLM's end_id is one token; Llama 3.1 ends turns with any of three."""
-    assert backend.sampling_kwargs(request(), lambda: 0, {128009, 128001, 128008})["stop_token_ids"] == [
+    assert backend.sampling_kwargs(request(), lambda: 0, {128009, 128001, 128008}, 256)["stop_token_ids"] == [
         128001, 128008, 128009]
-    assert "stop_token_ids" not in backend.sampling_kwargs(request(ignore_eos=True), lambda: 0, {128009})
+    assert "stop_token_ids" not in backend.sampling_kwargs(request(ignore_eos=True), lambda: 0, {128009}, 256)
     assert eos_token_ids(engines_dir / "demo" / "checkpoint", tokenizer) == {1, 4}
 
 
@@ -138,7 +145,7 @@ def tokenizer(engines_dir: Path) -> Any:
 
 
 def streams_for(tokenizer: Any, req: GenerationRequest) -> backend.ChoiceStreams:
-    return backend.ChoiceStreams(req, token_byte_table(tokenizer), {1, 4})   # the demo's EOS tokens
+    return backend.ChoiceStreams(req, token_byte_table(tokenizer), {1, 4}, special_token_ids(tokenizer))  # demo EOS
 
 
 def grow(out: FakeCompletionOutput, ids: list[int], finish: str | None = None) -> list[FakeCompletionOutput]:
@@ -167,10 +174,18 @@ def test_eos_ends_the_choice_without_text_unless_ignored(tokenizer: Any) -> None
     assert [(e.finish_reason, e.completion_tokens) for e in events if isinstance(e, Finished)] == [
         (FinishReason.STOP, len(ids) + 1)]
     ignoring = streams_for(tokenizer, request(ignore_eos=True))
-    events = ignoring.events([FakeCompletionOutput(0, [*ids, 4, 1, *ids])])
-    assert not ignoring.done and sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta)) == 2 * len(ids) + 2
-    assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == "hello worldhello world", \
-        "an ignored end-of-turn token is generated, but it is not text"
+    events = ignoring.events([FakeCompletionOutput(0, [*ids, 4])])
+    assert not ignoring.done and sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta)) == len(ids) + 1
+
+
+def test_special_tokens_add_no_text_unless_asked_for(tokenizer: Any) -> None:
+    """Under ignore_eos the end-of-turn token is generated like any other: its text must not reach the content."""
+    ids = tokenizer.encode("hello world", add_special_tokens=False)
+    tag = tokenizer.convert_tokens_to_ids("<|python_tag|>")
+    for skip, expected in ((True, "hello worldhello world"), (False, "hello world<|eot_id|><|python_tag|>hello world")):
+        streams = streams_for(tokenizer, request(ignore_eos=True, skip_special_tokens=skip))
+        events = streams.events([FakeCompletionOutput(0, [*ids, 4, tag, *ids])])
+        assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == expected
 
 
 def test_length_and_cancelled_finishes_count_tokens(tokenizer: Any) -> None:

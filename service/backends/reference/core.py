@@ -33,7 +33,7 @@ from service.backends.reference.model_runner import ModelRunner
 from service.backends.reference.sampler import sample
 from service.backends.reference.scheduler import Group, Plan, Scheduler
 from service.backends.reference.sequence import Sequence, Status
-from service.backends.vocab import eos_token_ids, token_byte_table
+from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_table
 from service.config import EngineConfig
 
 Emitted = list[tuple[str, Event]]
@@ -46,6 +46,7 @@ class EngineCore:
         self.max_len = c.max_position_embeddings
         self.table = token_byte_table(tokenizer)
         self.eos = eos_token_ids(checkpoint, tokenizer)
+        self.special = special_token_ids(tokenizer)
         self.guides = Guides(tokenizer, c.vocab_size, self.eos, self.table, self.runner.device)
         self.block_size = config.block_size
         self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, config.block_size, config.prefix_caching),
@@ -61,9 +62,14 @@ class EngineCore:
             raise InvalidRequest("messages", "the prompt is empty")
         if any(t < 0 or t >= len(self.table) for t in prompt):
             raise InvalidRequest("messages", "the prompt has token ids outside the vocabulary")
+        if any(t >= len(self.table) for t, _ in params.logit_bias):
+            raise InvalidRequest("logit_bias", "a token id outside the vocabulary")
         if len(prompt) + params.max_tokens > self.max_len:
             raise InvalidRequest("max_tokens", f"prompt ({len(prompt)} tokens) plus max_tokens "
                                                f"({params.max_tokens}) exceeds the context length ({self.max_len})")
+        if request.n > self.scheduler.max_running:
+            raise InvalidRequest("n", f"{request.n} choices are decoded together, and this engine decodes at most "
+                                      f"{self.scheduler.max_running} sequences at once (--max-running)")
         group = self._group(request)
         if sum(self.scheduler.blocks_needed(group)) > self.scheduler.blocks.num_blocks:
             raise InvalidRequest("max_tokens", "prompt plus max_tokens, over all n choices, exceeds the KV cache "
@@ -72,9 +78,10 @@ class EngineCore:
     def _group(self, request: GenerationRequest) -> Group:
         now = time.monotonic()
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
-        seqs = [Sequence(request.request_id, i, request.prompt_token_ids, request.sampling,
-                         random.Random(f"{seed}:{i}"), IncrementalDetokenizer(self.table, request.sampling.stop),
-                         request.deadline, now)
+        params = request.sampling
+        silent = self.special if params.skip_special_tokens else frozenset()  # their text is left out
+        seqs = [Sequence(request.request_id, i, request.prompt_token_ids, params, random.Random(f"{seed}:{i}"),
+                         IncrementalDetokenizer(self.table, params.stop, silent), request.deadline, now)
                 for i in range(request.n)]
         return Group(request.request_id, seqs)
 
@@ -175,8 +182,7 @@ class EngineCore:
             if token in self.eos and (not seq.params.ignore_eos or seq.logits_processors):
                 text, reason = "", FinishReason.STOP
             else:
-                # ignore_eos: an end-of-turn token is generated and counted, but it is never text.
-                text, stopped = ("", False) if token in self.eos else seq.detok.add(token)
+                text, stopped = seq.detok.add(token)
                 if stopped:
                     reason = FinishReason.STOP
                 elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_len:

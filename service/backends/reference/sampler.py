@@ -16,6 +16,16 @@ from service.backends.base import TokenLogprob, TopToken
 from service.backends.reference.sequence import Sequence
 
 
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """OpenAI's logit_bias: added to the row's logits, after a grammar's mask (-inf stays -inf, so a bias cannot
+    undo what constrained decoding forbids) and before penalties, temperature and filters."""
+    for i, s in enumerate(seqs):
+        if s.params.logit_bias:
+            ids = torch.tensor([t for t, _ in s.params.logit_bias], device=logits.device)
+            bias = torch.tensor([b for _, b in s.params.logit_bias], dtype=logits.dtype, device=logits.device)
+            logits[i].index_add_(0, ids, bias)
+
+
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty
             or s.params.repetition_penalty != 1.0]
@@ -87,6 +97,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     for i, s in enumerate(seqs):
         for processor in s.logits_processors:
             processor.apply(logits[i])
+    _apply_logit_bias(logits, seqs)
     _apply_penalties(logits, seqs)
     temps = [s.params.temperature for s in seqs]
     greedy = [i for i, t in enumerate(temps) if t == 0.0]
