@@ -62,11 +62,12 @@ DEMO_SOURCES := service/repository/build/demo.py service/models/templates/llama-
 engines/demo/manifest.json: $(DEMO_SOURCES) | install
 	$(BIN)/python build_engine.py --demo
 
-# The demo with Meta's own Llama 3 tokenizer (from llama-models, a dev dependency): the tests' token-id oracle.
-demo-llama-3.1: engines/demo-llama-3.1/manifest.json
+# The demo with Meta's own Llama 3 tokenizer (from llama-models, a dev dependency), which the tests check against
+# Meta's reference code; built under build/, so that `make serve` serves only what engines/ holds.
+demo-llama-3.1: build/engines/demo-llama-3.1/manifest.json
 
-engines/demo-llama-3.1/manifest.json: $(DEMO_SOURCES) service/repository/build/llama3_tokenizer.py | install
-	$(BIN)/python build_engine.py --demo --tokenizer llama-3.1 --name demo-llama-3.1
+build/engines/demo-llama-3.1/manifest.json: $(DEMO_SOURCES) service/repository/build/llama3_tokenizer.py | install
+	$(BIN)/python build_engine.py --demo --tokenizer llama-3.1 --name demo-llama-3.1 --engines-dir build/engines
 
 serve: install demo
 	$(BIN)/llmserve serve
@@ -95,4 +96,4 @@ soak: install demo
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
 
 clean:
-	rm -rf $(VENV) build service/gen engines/demo engines/demo-llama-3.1
+	rm -rf $(VENV) build service/gen engines/demo

@@ -29,9 +29,9 @@ def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama31_engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository holding only demo-llama-3.1, the demo with Meta's own Llama 3 tokenizer (`make test`
-    builds engines/demo-llama-3.1 first)."""
+    builds build/engines/demo-llama-3.1 first)."""
     target = tmp_path_factory.mktemp("engines-llama-3.1")
-    built = ROOT / "engines" / LLAMA31
+    built = ROOT / "build" / "engines" / LLAMA31
     if (built / "manifest.json").is_file():
         (target / LLAMA31).symlink_to(built)
     else:
