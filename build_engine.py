@@ -2,6 +2,8 @@
 """Puts a model into engines/.
 
   python build_engine.py --demo                          the small embedded demo model, offline
+  python build_engine.py --demo --tokenizer llama-3.1 --name demo-llama-3.1
+                                                         the demo with Meta's own Llama 3 tokenizer (llama-models)
   python build_engine.py --model PATH --name NAME        a local Hugging Face checkpoint, reference engine
   python build_engine.py --model FILE.gguf [--name NAME] a GGUF file (llama.cpp, Ollama), or a folder holding one,
                                                          converted for the reference engine
@@ -22,11 +24,15 @@ from service.repository.build import demo, gguf_import, reference
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true", help="write the demo model to ENGINES_DIR/demo")
+    parser.add_argument("--demo", action="store_true", help="write a demo model (random weights) to ENGINES_DIR/NAME")
+    parser.add_argument("--tokenizer", choices=demo.TOKENIZERS, default="demo",
+                        help="with --demo: its tokenizer; llama-3.1 is Meta's Llama 3 tokenizer, converted "
+                             "(default NAME: demo-llama-3.1)")
     parser.add_argument("--model", help="local Hugging Face checkpoint folder, GGUF file or folder holding one "
                                         "(or, with --plan, a target model id)")
-    parser.add_argument("--name", help="served model name (the folder under ENGINES_DIR); for a GGUF file, default: "
-                                       "the file's name without its quantization (Model.Q4_K_M.gguf -> model)")
+    parser.add_argument("--name", help="served model name (the folder under ENGINES_DIR); with --demo, default demo; "
+                                       "for a GGUF file, default: the file's name without its quantization "
+                                       "(Model.Q4_K_M.gguf -> model)")
     parser.add_argument("--engines-dir", type=Path, default=Path("engines"))
     parser.add_argument("--backend", choices=["reference", "tensorrt-llm", "pytorch"], default="reference",
                         help="reference: PyTorch engine; tensorrt-llm: build engines (TensorRT-LLM 1.2); "
@@ -44,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per engine step")
     args = parser.parse_args(argv)
     if args.demo:
-        demo.build_demo(args.engines_dir / "demo")
+        name = args.name or ("demo" if args.tokenizer == "demo" else f"demo-{args.tokenizer}")
+        demo.build_demo(args.engines_dir / name, args.tokenizer)
         return 0
     if args.plan or args.backend != "reference":
         from service.repository.build import trtllm  # only here: planning and building never load for the demo

@@ -15,34 +15,38 @@ Either way:
   exactly one call, by a JSON schema (one branch per allowed tool, its
   arguments valid against the tool's `parameters`), between the tags for
   "hermes";
-- "auto": the model decides; an answer that opens with a call of a known tool
-  is a call, anything else is content;
+- "auto": the model decides; for "llama-3.1-json" an answer that is one call
+  object of an offered tool and nothing else is a call (as Meta's reference
+  code reads it), for "hermes" an answer that opens with `<tool_call>` and a
+  call of an offered tool; anything else is content;
 - "none": tools never reach the prompt and nothing is parsed.
 
-`ToolCallParser` turns a choice's text, fed as it streams, into content and
-tool-call pieces. The unary answer and the stream use the same parser, so
-they agree on what is a call and what its arguments are.
+The parsers that read a call back out of an answer are in
+service/chat/tool_parsers.py; `call_parser` picks the model's.
 """
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
-import regex
 from google.protobuf import json_format
 
 from service.backends.base import GuidedDecoding
 from service.chat.schemas import plain_json, schema_json, schema_problem
+from service.chat.tool_parsers import (
+    Arguments,
+    CallParser,
+    CallStart,
+    Content,
+    HermesParser,
+    Llama31JsonParser,
+    Piece,
+)
 from service.errors import FieldViolation
 from service.gen.llmserve.v1 import chat_pb2
 from service.models.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from service.models.template import HERMES, LLAMA_JSON
+from service.models.template import HERMES
 
-PYTHON_TAG = "<|python_tag|>"
-# What comes before a call's JSON object, by tool format.
-_CALL_PREFIX = {LLAMA_JSON: rf"(?:{regex.escape(PYTHON_TAG)}\s*)?", HERMES: rf"{regex.escape(TOOL_CALL_OPEN)}\s*"}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # OpenAI: no parameters means none
 
 
@@ -122,98 +126,9 @@ def forced_call(tools: dict[str, dict[str, Any]], tool_format: str,
     return GuidedDecoding(json_schema=schema_json(schema), tags=tags)
 
 
-@dataclass(frozen=True, slots=True)
-class Content:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallStart:
-    id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Arguments:
-    text: str
-
-
-Piece = Content | CallStart | Arguments
-
-
-class ToolCallParser:
-    """One choice's text in, content or a tool call out, piece by piece.
-
-    Text is held only while it could still be the opening of a call
-    (`{"name": "<known tool>", "parameters": `, after `<tool_call>` in the
-    "hermes" format); then the call starts and the arguments object streams
-    through as it is written, up to its closing brace. An answer holds one
-    call (Llama 3.1 makes one per turn), so what follows is dropped, the
-    closing `</tool_call>` included.
-    """
-
-    def __init__(self, names: list[str], tool_format: str) -> None:
-        alternatives = "|".join(regex.escape(n) for n in names)  # names are [a-zA-Z0-9_-]: no JSON escapes
-        self._opening = regex.compile(
-            rf'\s*{_CALL_PREFIX[tool_format]}\{{\s*"name"\s*:\s*"({alternatives})"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
-        self._held = ""
-        self._state = "deciding" if names else "content"
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-        self.called = False
-
-    def feed(self, text: str) -> list[Piece]:
-        if self._state == "content":
-            return [Content(text)] if text else []
-        if self._state == "deciding":
-            return self._decide(text)
-        if self._state == "arguments":
-            return self._arguments(text)
-        return []
-
-    def finish(self) -> list[Piece]:
-        """What was held back when the choice ends: text that never became a call is content."""
-        if self._state == "deciding" and self._held:
-            self._state = "content"
-            return [Content(self._held)]
-        return []
-
-    def _decide(self, text: str) -> list[Piece]:
-        self._held += text
-        opening = self._opening.match(self._held)
-        if opening is None:
-            if self._opening.fullmatch(self._held, partial=True) is None:
-                self._state = "content"
-                return [Content(self._held)]
-            return []
-        self._state, self.called = "arguments", True
-        start = CallStart(f"call_{uuid.uuid4().hex[:24]}", opening.group(1))
-        return [start, *self._arguments(self._held[opening.end():])]
-
-    def _arguments(self, text: str) -> list[Piece]:
-        """Scans the arguments' JSON: strings and nesting, so that the object's own closing brace ends it."""
-        if self._depth == 0:
-            text = text.lstrip()  # between the opening's colon and the value
-        for i, ch in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth <= 0:  # below 0: the call's own brace, after arguments that were not an object
-                    self._state = "done"
-                    end = i + 1 if self._depth == 0 else i
-                    return [Arguments(text[:end])] if end else []
-        return [Arguments(text)] if text else []
+def call_parser(names: list[str], tool_format: str) -> CallParser:
+    """The parser for answers of a model with this tool format that may call `names` (none: never a call)."""
+    return HermesParser(names) if tool_format == HERMES else Llama31JsonParser(names)
 
 
 def add_to_message(message: chat_pb2.ChatMessage, pieces: list[Piece]) -> None:

@@ -18,6 +18,7 @@ system turn, `functions`/`function_call` are tools/tool_choice, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,20 @@ def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]]
     return model.template.encode([_for_template(m) for m in messages], tools, add_generation_prompt)
 
 
+def _tool_dicts(tools: Any) -> list[dict[str, Any]] | None:
+    """The tools as the chat template takes them (OpenAI's JSON form), or None for no tools. A Struct keeps no key
+    order (it changes from process to process, even from copy to copy), so the parameters' keys are sorted: the
+    same tools always make the same prompt, token for token. Integral numbers stay integers."""
+    out = []
+    for tool in tools:
+        tool_dict = json_format.MessageToDict(tool, preserving_proto_field_name=True)
+        function = tool_dict.get("function", {})
+        if "parameters" in function:
+            function["parameters"] = plain_json(json.loads(json.dumps(function["parameters"], sort_keys=True)))
+        out.append(tool_dict)
+    return out or None
+
+
 def _renderable(violations: list[FieldViolation]) -> bool:
     """Whether the conversation itself is sound enough to render (and so to count its tokens)."""
     return not any(v.field == "messages" or v.field.startswith("messages[") for v in violations)
@@ -271,8 +286,7 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     prompt: list[int] = []
     max_tokens = 0
     if renderable:
-        offered = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in req.tools] \
-            if req.tools and tool_mode(req) != "none" else None
+        offered = _tool_dicts(req.tools) if tool_mode(req) != "none" else None
         try:
             prompt = render_prompt(model, req.messages, offered)
         except ChatTemplateError as e:
@@ -297,6 +311,8 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
     violations = _annotation_violations(req)
     if req.HasField("text") == bool(req.messages):
         violations.append(FieldViolation("text", "exactly one of text and messages must be set"))
+    if req.tools and not req.messages:
+        violations.append(FieldViolation("tools", "only with messages: tools are rendered by the chat template"))
     violations += _message_violations(list(req.messages))
     renderable = _renderable(violations)
     model = _served(registry, req.model, violations)
@@ -307,7 +323,7 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
     elif req.messages and renderable:
         add_generation_prompt = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
         try:
-            tokens = render_prompt(model, req.messages, add_generation_prompt=add_generation_prompt)
+            tokens = render_prompt(model, req.messages, _tool_dicts(req.tools), add_generation_prompt)
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
     if violations:

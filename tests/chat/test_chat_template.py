@@ -89,7 +89,7 @@ def test_llama_3_1_tool_round_trip(llama3_tokenizer: PreTrainedTokenizerFast) ->
     assert text.index("Given the following functions") < text.index("Weather in Oslo?")
     assert ('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": '
             '{"city": "Oslo"}}<|eot_id|>') in text
-    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"{\\"temp_c\\": 3}"<|eot_id|>' in text
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n{"temp_c": 3}<|eot_id|>' in text  # as sent, not quoted
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 

@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 from service.chat.schemas import schema_problem
-from service.chat.tools import Arguments, CallStart, Content, ToolCallParser, call_schema
+from service.chat.tools import Arguments, CallStart, Content, call_parser, call_schema
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.models.template import HERMES, LLAMA_JSON
 from tests.helpers import chat, field_violations, struct
@@ -64,6 +64,7 @@ CALLS = [
     ' \n{ "name" : "book_table" ,\n "parameters" : {"people": 2, "outdoor": false, "dishes": ["a}", "b\\"{"]}} ',
     '<|python_tag|>{"name": "ping", "parameters": {}}',
     '{"name": "get_weather", "arguments": {"city": "{[", "unit": "fahrenheit"}}',
+    '{"parameters": {}, "name": "ping"}',
 ]
 HERMES_NOT_CALLS = [
     '{"name": "ping", "arguments": {}}',  # a Hermes-format model's call is inside the tags
@@ -79,7 +80,6 @@ HERMES_CALLS = [
 NOT_CALLS = [
     "Hello there",
     '{"name": "unknown_tool", "parameters": {}}',
-    '{"parameters": {}, "name": "ping"}',
     '{"name": "get_weathe", "parameters": {}}',
     "  {not json",
     "",
@@ -90,7 +90,7 @@ def pieces_by_splits(text: str, names: list[str], tool_format: str = LLAMA_JSON)
     """The parser's output for `text` fed whole, and split at every position."""
     out = []
     for cut in range(len(text) + 1):
-        parser = ToolCallParser(names, tool_format)
+        parser = call_parser(names, tool_format)
         out.append(parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish())
     return out
 
@@ -132,7 +132,7 @@ def test_hermes_parser_passes_other_text_through_as_content(text: str) -> None:
 
 
 def test_parser_without_tools_never_holds_text() -> None:
-    parser = ToolCallParser([], LLAMA_JSON)
+    parser = call_parser([], LLAMA_JSON)
     assert parser.feed('{"name": "ping", "parameters": {}}') == [Content('{"name": "ping", "parameters": {}}')]
     assert not parser.called
 
