@@ -27,6 +27,8 @@ from service.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hello there"}]
+SMOLLM2 = "smollm2-135m-instruct"  # the real model `make smollm2` builds into engines/
+LLAMA31 = "demo-llama-3.1"  # the demo with Meta's own Llama 3 tokenizer
 
 
 def free_port() -> int:

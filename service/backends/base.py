@@ -60,13 +60,15 @@ class GuidedDecoding:
     - `regex`: the whole output matches this regular expression;
     - `choice`: the output is exactly one of these strings;
     - `ebnf`: an xgrammar EBNF grammar (its start rule is `root`).
-    JSON is compact (`, ` and `: `, no other whitespace). `field` names the request field the constraint came
-    from (`response_format.json_schema.schema`, `tools`, `structured_outputs.regex`, ...), for errors; it is not
-    part of the constraint's identity.
+    JSON is compact (`, ` and `: `, no other whitespace). `tags`, with `json_schema`, puts the document between
+    two texts (a Hermes-style call's `<tool_call>` and `</tool_call>`); they hold no control characters, so the
+    output still never needs one. `field` names the request field the constraint came from
+    (`response_format.json_schema.schema`, `tools`, `structured_outputs.regex`, ...), for errors; it is not part
+    of the constraint's identity.
 
     Engines map it onto their own APIs: TensorRT-LLM's GuidedDecodingParams takes json=, regex= and grammar=
-    (a choice as the grammar `service.backends.grammar.choice_grammar` writes); vLLM's structured outputs take
-    json, regex, choice and grammar as they are.
+    (a choice, and a schema between tags, as the grammar `service.backends.grammar.grammar_text` writes); vLLM's
+    structured outputs take json, regex, choice and grammar as they are.
     """
 
     json_schema: str | None = None
@@ -74,6 +76,7 @@ class GuidedDecoding:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     ebnf: str | None = None
+    tags: tuple[str, str] | None = None
     field: str = dataclasses.field(default="response_format", compare=False)
 
 

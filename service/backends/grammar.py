@@ -3,7 +3,8 @@
 TensorRT-LLM guides decoding with xgrammar, so the reference engine does too,
 and both take the same `GuidedDecoding`: a JSON schema's text
 (`GuidedDecodingParams(json=...)`), a regex (`regex=...`), a choice or an EBNF
-grammar (`grammar=...`; a choice is the grammar `choice_grammar` writes).
+grammar (`grammar=...`; a choice, and a JSON schema between tags as a
+Hermes-style tool call writes it, are the grammars `grammar_text` writes).
 Constraints were checked by the serving layer (service/chat/schemas.py) before
 any engine sees them; what is left here is compiling them against a tokenizer.
 
@@ -33,7 +34,7 @@ import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding, InvalidRequest
 from service.backends.closing import Unsupported
-from service.backends.closing.schema import choice_shape, json_shape, regex_shape
+from service.backends.closing.schema import choice_shape, json_shape, regex_shape, tagged_shape
 from service.backends.closing.shapes import Node
 from service.backends.closing.tokens import Speller
 from service.backends.vocab import token_byte_table
@@ -45,7 +46,10 @@ COMPILE_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars: ~0.2 MB each at 4k
 
 
 def schema_text(guided: GuidedDecoding) -> str | None:
-    """The JSON schema an engine compiles for `guided`, or None when it is no JSON constraint."""
+    """The JSON schema an engine compiles for `guided`, or None when it compiles a regex or a grammar
+    (grammar_text)."""
+    if guided.tags is not None:
+        return None
     return JSON_OBJECT_SCHEMA if guided.json_object else guided.json_schema
 
 
@@ -54,11 +58,26 @@ def choice_grammar(choices: tuple[str, ...]) -> str:
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
 
 
+def _literal(text: str) -> xgr.Grammar:
+    return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
+
+
 def grammar_text(guided: GuidedDecoding) -> str | None:
-    """The EBNF grammar of `guided`, when it is one: an `ebnf` grammar as given, a choice as `choice_grammar`."""
+    """The xgrammar EBNF an engine compiles for `guided`, or None for a bare JSON schema or a regex: `ebnf`, a
+    choice as `choice_grammar`, or the JSON schema between its tags (compact JSON, as every schema compiles)."""
     if guided.choice is not None:
         return choice_grammar(guided.choice)
-    return guided.ebnf
+    if guided.tags is None:
+        return guided.ebnf
+    before, after = guided.tags
+    document = xgr.Grammar.from_json_schema(guided.json_schema or JSON_OBJECT_SCHEMA, any_whitespace=False)
+    return str(xgr.Grammar.concat(_literal(before), document, _literal(after)))
+
+
+def json_document(guided: GuidedDecoding) -> bool:
+    """Whether the output is compact JSON (between tags without control characters, maybe), which never holds a
+    raw control character."""
+    return guided.json_object or guided.json_schema is not None
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,9 @@ class Grammar:
 
 def closing_shape(guided: GuidedDecoding) -> Node | None:
     """The shape an output of `guided` closes by, or None where it is not modelled. Raises Unsupported."""
+    if guided.tags is not None:
+        before, after = guided.tags
+        return tagged_shape(before, json_shape(json.loads(guided.json_schema or JSON_OBJECT_SCHEMA)), after)
     text = schema_text(guided)
     if text is not None:
         return json_shape(json.loads(text))

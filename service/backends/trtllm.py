@@ -144,7 +144,7 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], 
 
 def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
     """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `regex` the regex, `grammar`
-    xgrammar EBNF (a choice as the grammar that admits exactly its strings).
+    xgrammar EBNF (a choice, and a schema between tags, a Hermes-style forced call, go as EBNF).
 
     json_object goes as the schema {"type": "object"}, as the reference engine compiles it:
     `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array.

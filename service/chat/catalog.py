@@ -18,6 +18,7 @@ def list_models(registry: ModelRegistry) -> chat_pb2.ListModelsResponse:
             profile=chat_pb2.ModelProfile(id=profile.id, gpu_architecture=profile.gpu_architecture,
                                           precision=profile.precision,
                                           tensor_parallel_size=profile.tensor_parallel_size),
+            tool_format=model.template.tool_format,
             structured_output=chat_pb2.StructuredOutputSupport(
                 forms=structured.forms, closes_within_max_tokens=structured.closes_within_max_tokens),
         )

@@ -107,6 +107,12 @@ def request_schema(struct: struct_pb2.Struct | None, text: str, field: str,
     return parsed, field
 
 
+def size_problem(text: str, max_bytes: int) -> str | None:
+    """A schema past the operator's size limit: what bounds how long it compiles and how much memory that takes."""
+    size = len(text.encode())
+    return f"at most {max_bytes} bytes (--max-schema-bytes), got {size}" if size > max_bytes else None
+
+
 def schema_problem(schema: dict[str, Any]) -> str | None:
     """Why the schema cannot constrain decoding, or None when it can (remembered: the checks of a schema of
     thousands of properties take seconds)."""

@@ -26,8 +26,8 @@ from google.protobuf import json_format
 
 from service.admission import Call
 from service.backends.base import GenerationRequest, GuidedDecoding, SamplingParams
-from service.chat.schemas import grammar_problem, request_schema, schema_json, schema_problem
-from service.chat.tools import call_schema, callable_tools, offered_tools, tool_mode, tool_parameters
+from service.chat.schemas import grammar_problem, request_schema, schema_json, schema_problem, size_problem
+from service.chat.tools import callable_tools, forced_call, offered_tools, tool_mode, tool_parameters
 from service.config import ServerConfig
 from service.errors import FieldViolation, ServiceError
 from service.gen.llmserve.v1 import chat_pb2
@@ -134,26 +134,23 @@ def _cross_field_violations(req: chat_pb2.ChatCompletionRequest) -> list[FieldVi
     return out
 
 
-def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]], limits: ServerConfig,
-            violations: list[FieldViolation]) -> GuidedDecoding | None:
-    """The output's constraint: a mandatory tool call's schema, the response format's, or structured_outputs'."""
-    if tools and tool_mode(req) in ("required", "function"):
-        schema, field = call_schema(tools), "tools"
-    elif req.response_format.type == "json_object":
+def _response_format(req: chat_pb2.ChatCompletionRequest, limits: ServerConfig,
+                     violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """The output's constraint response_format or structured_outputs asks for (forced tool calls depend on the
+    model: _guided)."""
+    if req.response_format.type == "json_object":
         return GuidedDecoding(json_object=True, field="response_format")
-    elif req.response_format.type == "json_schema":
-        given = req.response_format.json_schema
-        schema, field = request_schema(given.schema if given.HasField("schema") else None, given.schema_json,
-                                       _RESPONSE_SCHEMA, violations)
-        if schema is None:
-            return None
-    elif req.HasField("structured_outputs"):
+    if req.HasField("structured_outputs"):
         return _structured_outputs(req.structured_outputs, violations)
-    else:
+    if req.response_format.type != "json_schema":
+        return None
+    given = req.response_format.json_schema
+    schema, field = request_schema(given.schema if given.HasField("schema") else None, given.schema_json,
+                                   _RESPONSE_SCHEMA, violations)
+    if schema is None:
         return None
     text = schema_json(schema)
-    problem = f"at most {limits.max_schema_bytes} bytes (--max-schema-bytes), got {len(text.encode())}" \
-        if len(text.encode()) > limits.max_schema_bytes else schema_problem(schema)
+    problem = size_problem(text, limits.max_schema_bytes) or schema_problem(schema)
     if problem:
         violations.append(FieldViolation(field, problem))
         return None
@@ -195,6 +192,16 @@ def _for_template(message: chat_pb2.ChatMessage) -> dict[str, Any]:
     if turn.get("role") == "developer":  # OpenAI's newer name; the models' templates know "system"
         turn["role"] = "system"
     return turn
+
+
+def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]], model: ServedModel,
+            response_format: GuidedDecoding | None, limits: ServerConfig,
+            violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """The output's constraint: a mandatory tool call, as the model's tool format writes it, or the response
+    format's (or structured_outputs')."""
+    if tools and tool_mode(req) in ("required", "function"):
+        return forced_call(tools, model.template.tool_format, limits.max_schema_bytes, violations)
+    return response_format
 
 
 def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]] | None = None,
@@ -290,16 +297,18 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     violations = request_violations(req, limits)
     req = _with_functions_as_tools(req)
     renderable = _renderable(violations)
-    parameters = tool_parameters(req, violations)
+    parameters = tool_parameters(req.tools, violations) if tool_mode(req) != "none" else [None] * len(req.tools)
     tools = callable_tools(req, parameters)
-    guided = _guided(req, tools, limits, violations)
+    response_format = _response_format(req, limits, violations)
     model = _served(registry, req.model, violations)
     logit_bias = _logit_bias(req, model, violations)
+    guided = _guided(req, tools, model, response_format, limits, violations)
     prompt: list[int] = []
     max_tokens = 0
     if renderable:
         try:
-            prompt = render_prompt(model, req.messages, offered_tools(req, parameters))
+            offered = offered_tools(req.tools, parameters) if tool_mode(req) != "none" else None
+            prompt = render_prompt(model, req.messages, offered)
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
         else:
@@ -323,8 +332,11 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
     violations = _annotation_violations(req)
     if req.HasField("text") == bool(req.messages):
         violations.append(FieldViolation("text", "exactly one of text and messages must be set"))
+    if req.tools and not req.messages:
+        violations.append(FieldViolation("tools", "only with messages: tools are rendered by the chat template"))
     violations += _message_violations(list(req.messages))
     renderable = _renderable(violations)
+    offered = offered_tools(req.tools, tool_parameters(req.tools, violations))
     model = _served(registry, req.model, violations)
     tokens: list[int] = []
     if req.HasField("text") and not violations:
@@ -333,7 +345,7 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
     elif req.messages and renderable:
         add_generation_prompt = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
         try:
-            tokens = render_prompt(model, req.messages, add_generation_prompt=add_generation_prompt)
+            tokens = render_prompt(model, req.messages, offered, add_generation_prompt)
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
     if violations:

@@ -133,7 +133,8 @@ async def test_list_models_and_tokenize(stub: chat_pb2_grpc.ChatServiceStub) -> 
     models = await stub.ListModels(chat_pb2.ListModelsRequest())
     assert [m.id for m in models.data] == ["demo"]
     demo = models.data[0]
-    assert (demo.backend, demo.context_length, demo.owned_by) == ("reference", 2048, "llmserve")
+    assert (demo.backend, demo.context_length, demo.owned_by, demo.tool_format) == (
+        "reference", 2048, "llmserve", "llama-3.1-json")
     assert demo.profile.gpu_architecture == "cpu" and demo.profile.id
     assert set(demo.structured_output.forms) == {"json_object", "json_schema", "tools", "regex", "choice", "grammar"}
     assert demo.structured_output.closes_within_max_tokens

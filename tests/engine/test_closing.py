@@ -24,7 +24,7 @@ from service.backends.base import GuidedDecoding
 from service.backends.closing import tracker
 from service.backends.closing.numbers import Range, completion
 from service.backends.closing.schema import json_shape
-from service.backends.grammar import closing_shape
+from service.backends.grammar import closing_shape, json_document
 from service.backends.reference.guided import Guides
 from service.backends.vocab import token_byte_table
 
@@ -67,7 +67,9 @@ def guides(engines_dir: Path) -> Guides:
 
 
 def constraints() -> list[tuple[str, GuidedDecoding]]:
+    hermes = GuidedDecoding(json_schema=json.dumps(SCHEMAS["tool_call"]), tags=("<tool_call>", "</tool_call>"))
     return [(name, GuidedDecoding(json_schema=json.dumps(s))) for name, s in SCHEMAS.items()] + \
+        [("hermes tool_call", hermes)] + \
         [(f"regex {r}", GuidedDecoding(regex=r)) for r in REGEXES] + \
         [(f"choice {c}", GuidedDecoding(choice=c)) for c in CHOICES]
 
@@ -99,7 +101,7 @@ def test_the_closing_completes_the_output_from_anywhere(guides: Guides, name: st
             spelled = guides.speller.spell(closing)
             assert spelled is not None and len(spelled) <= len(closing)
             checked += 1
-            options = allowed_tokens(guides, matcher, guided.regex is None and guided.choice is None)
+            options = allowed_tokens(guides, matcher, json_document(guided))
             if not options:
                 break
             token = rng.choice(options)
@@ -130,6 +132,10 @@ def run_choice(guides: Guides, guided: GuidedDecoding, budget: int, seed: int) -
 
 
 def assert_valid(guided: GuidedDecoding, text: bytes) -> None:
+    if guided.tags is not None:
+        before, after = (t.encode() for t in guided.tags)
+        assert text.startswith(before) and text.endswith(after), text
+        text = text[len(before):-len(after)]
     if guided.json_schema is not None:
         jsonschema.validate(json.loads(text), json.loads(guided.json_schema))
     elif guided.regex is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from service.backends import trtllm as backend
@@ -135,8 +136,15 @@ def test_guided_decoding_mapping() -> None:
     assert backend.guided_kwargs(GuidedDecoding(choice=("yes", 'say "no"'))) == {
         "grammar": 'root ::= "yes" | "say \\"no\\""'}, "a choice is the grammar of exactly its strings"
     assert backend.guided_kwargs(None) is None
+    tagged = GuidedDecoding(json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}, '
+                                        '"required": ["a"]}', tags=("<tool_call>", "</tool_call>"))
+    grammar = backend.guided_kwargs(tagged)["grammar"]  # a Hermes-style forced call: the schema between its tags
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(xgr.TokenizerInfo([chr(c) for c in range(32, 127)]))
+                                 .compile_grammar(grammar))
+    assert all(matcher.accept_string(part) for part in ('<tool_call>{"a": ', "12}", "</tool_call>"))
+    assert matcher.is_completed()
     for guided in (GuidedDecoding(json_schema=schema), GuidedDecoding(json_object=True), GuidedDecoding(ebnf="x"),
-                   GuidedDecoding(regex="x"), GuidedDecoding(choice=("x",))):
+                   GuidedDecoding(regex="x"), GuidedDecoding(choice=("x",)), tagged):
         assert set(backend.guided_kwargs(guided) or {}) <= GUIDED_FIELDS
 
 

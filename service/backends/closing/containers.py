@@ -4,7 +4,7 @@ array a byte leaves the output, and what closes it from there under xgrammar's o
 from __future__ import annotations
 
 from service.backends.closing.chars import finish_char, utf8_len
-from service.backends.closing.shapes import Array, Node, Object
+from service.backends.closing.shapes import Array, Node, Object, Tagged
 from service.backends.closing.stack import INF, Entry, Frame, pop, push, same
 
 OPEN, KEY, COLON, BLANK, EXPECT, VALUE, AFTER, COMMA = range(8)
@@ -185,3 +185,45 @@ def start_object(node: Object, b: int) -> Frame | None:
 
 def start_array(node: Array, b: int) -> Frame | None:
     return ArrayFrame(node, OPEN, 0) if b == 0x5B else None
+
+
+class TaggedFrame(Frame):
+    """The fixed text before the value (OPEN, `k` bytes of it written), the value (EXPECT, then VALUE while it is
+    written), the fixed text after it (AFTER, `k` bytes written)."""
+
+    __slots__ = ("k", "node", "phase")
+
+    def __init__(self, node: Tagged, phase: int, k: int) -> None:
+        self.node, self.phase, self.k = node, phase, k
+
+    def feed(self, b: int, e: Entry) -> list[Entry]:
+        node, phase, k = self.node, self.phase, self.k
+        if phase == OPEN:
+            if node.before[k] != b:
+                return []
+            return same(e, TaggedFrame(node, EXPECT if k + 1 == len(node.before) else OPEN, k + 1))
+        if phase == EXPECT:
+            return push(e, TaggedFrame(node, VALUE, 0), node.value, b)
+        if phase == AFTER and k < len(node.after) and node.after[k] == b:
+            return same(e, TaggedFrame(node, AFTER, k + 1))
+        return []
+
+    def child_done(self) -> Frame:
+        return TaggedFrame(self.node, AFTER, 0)
+
+    def closing(self) -> bytes:
+        node, phase = self.node, self.phase
+        if phase in (OPEN, EXPECT):
+            return node.before[self.k:] + (node.value.shortest or b"") + node.after
+        return node.after[self.k:] if phase == AFTER else node.after
+
+    def closing_len(self) -> float:
+        if self.phase in (OPEN, EXPECT) and self.node.value.shortest is None:
+            return INF
+        return len(self.closing())
+
+
+def start_tagged(node: Tagged, b: int) -> Frame | None:
+    if not node.before or node.before[0] != b:
+        return None
+    return TaggedFrame(node, EXPECT if len(node.before) == 1 else OPEN, 1)

@@ -24,6 +24,7 @@ from service.backends.closing.shapes import (
     Object,
     Regex,
     String,
+    Tagged,
     Union,
     compact,
     finish,
@@ -167,3 +168,8 @@ def regex_shape(pattern: str) -> Node:
 
 def choice_shape(choices: tuple[str, ...]) -> Node:
     return finish(Literals([c.encode() for c in choices]))
+
+
+def tagged_shape(before: str, value: Node, after: str) -> Node:
+    """A JSON value's shapes between two fixed texts (service.backends.base.GuidedDecoding.tags)."""
+    return finish(Tagged(before.encode(), value, after.encode()))

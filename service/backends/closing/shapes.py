@@ -67,6 +67,13 @@ class Regex(Node):
         self.nfa = pattern
 
 
+class Tagged(Node):
+    """A JSON value between two fixed texts: a Hermes-style tool call between `<tool_call>` and `</tool_call>`."""
+
+    def __init__(self, before: bytes, value: Node, after: bytes) -> None:
+        self.before, self.value, self.after = before, value, after
+
+
 class Union(Node):
     def __init__(self) -> None:
         self.alternatives: list[Node] = []
@@ -203,6 +210,8 @@ def _shortest(node: Node) -> bytes | None:
     if isinstance(node, Regex):
         text = node.nfa.completion(node.nfa.start)
         return text.encode() if text is not None else None
+    if isinstance(node, Tagged):
+        return None if node.value.shortest is None else node.before + node.value.shortest + node.after
     if isinstance(node, Union):
         found = [o.shortest for o in node.alternatives if o.shortest is not None]
         return min(found, key=len) if found else None
@@ -225,6 +234,8 @@ def _children(node: Node) -> list[Node]:
         return node.values + ([node.additional] if node.additional else [])
     if isinstance(node, Array):
         return node.prefix + ([node.items] if node.items else [])
+    if isinstance(node, Tagged):
+        return [node.value]
     return []
 
 

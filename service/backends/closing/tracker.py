@@ -16,7 +16,18 @@ from __future__ import annotations
 
 from service.backends.closing import containers, values
 from service.backends.closing.numbers import Range
-from service.backends.closing.shapes import AnyValue, Array, Literals, Node, Number, Object, Regex, String, finish
+from service.backends.closing.shapes import (
+    AnyValue,
+    Array,
+    Literals,
+    Node,
+    Number,
+    Object,
+    Regex,
+    String,
+    Tagged,
+    finish,
+)
 from service.backends.closing.stack import INF, STARTS, Entry, Frame, State, begin
 
 MAX_ALTERNATIVES = 32
@@ -50,6 +61,7 @@ for _node in {id(n): n for n in _ANY.values()}.values():
 STARTS.update({
     Object: containers.start_object, Array: containers.start_array, String: values.start_string,
     Number: values.start_number, Literals: values.start_literal, Regex: values.start_regex,
+    Tagged: containers.start_tagged,
     AnyValue: lambda _, b: begin(_ANY[b], b) if b in _ANY else None,
 })
 

@@ -19,7 +19,8 @@ it can, and the answer parses.
 JSON written without free whitespace never contains a raw control character
 (newlines and tabs inside strings are escaped), yet xgrammar 0.2's
 length-bounded strings (`maxLength`) admit them, and `json.loads` refuses
-them. So tokens holding such bytes are masked too whenever the grammar is JSON.
+them. So tokens holding such bytes are masked too whenever the output is a
+JSON document (between a tool call's tags, maybe: they hold none either).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding, InvalidRequest
 from service.backends.closing import tracker
-from service.backends.grammar import Grammar, GrammarCache, schema_text
+from service.backends.grammar import Grammar, GrammarCache, json_document
 
 log = logging.getLogger("llmserve.engine.reference")
 
@@ -153,5 +154,5 @@ class Guides:
                                                f"allows, {len(grammar.shortest)} tokens: {preview}")
 
     def processor(self, guided: GuidedDecoding, grammar: Grammar, budget: int) -> GrammarProcessor:
-        banned = self._control if schema_text(guided) is not None else None
+        banned = self._control if json_document(guided) else None
         return GrammarProcessor(grammar, budget, self, banned)

@@ -170,7 +170,8 @@ def checkpoint_precision(folder: Path) -> str:
     quant_method = (config.get("quantization_config") or {}).get("quant_method")
     if quant_method in ("fp8", "modelopt"):
         return "fp8"
-    return "fp16" if config.get("torch_dtype") == "float16" else "bf16"
+    # Published checkpoints say torch_dtype; transformers 5 writes dtype.
+    return "fp16" if (config.get("torch_dtype") or config.get("dtype")) == "float16" else "bf16"
 
 
 def pytorch_dtype(folder: Path, requested: str) -> str:
