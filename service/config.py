@@ -45,6 +45,11 @@ class EngineConfig:
                                      "never holds the GIL its steps need (off: a thread of the server's process)")
     threads: int = opt(0, "torch intra-op threads for the reference engine (0: one per core but one, which is "
                                   "left to the server's event loop and its clients)")
+    grammar_threads: int = opt(1, "reference engine: grammars compiled at once, each on a thread beside the step "
+                                  "loop (a request with a new schema waits for its grammar, no other stream does)")
+    grammar_compile_timeout: float = opt(30.0, "reference engine: seconds a grammar may take to compile; past it "
+                                               "the request, and any later one with the same constraint, is "
+                                               "INVALID_ARGUMENT naming the field")
 
 
 @dataclass
@@ -79,6 +84,8 @@ class ServerConfig:
     max_message_bytes: int = opt(4 * 1024 * 1024, "largest request accepted, in bytes")
     max_messages: int = opt(2048, "most chat messages in one request")
     max_content_chars: int = opt(1_000_000, "longest content of one message, in characters")
+    max_schema_bytes: int = opt(256 * 1024, "largest JSON schema a request may constrain its output with (a "
+                                            "response_format schema, or its tools' for a forced call), in bytes")
     validation_threads: int = opt(2, "threads that parse, validate, render and tokenize large requests, so that "
                                      "none of it stalls the event loop and the streams it serves")
     clamp_max_tokens: bool = opt(False, "clamp max_tokens to the context left instead of rejecting the request")

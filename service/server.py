@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,9 @@ from service.worker_pool import WorkerPool
 log = logging.getLogger("llmserve.server")
 
 ENGINE_WATCH_INTERVAL = 0.25  # seconds between checks of the engines' health
+# A worker thread checking a large schema (seconds of jsonschema) holds the GIL in slices; at CPython's default 5 ms
+# the event loop waited up to that long at each of the many GIL takes a chunk costs, and streams stalled ~0.5 s.
+GIL_SWITCH_INTERVAL = 0.0005
 CUTOFF_SETTLE = 2.0  # seconds REST calls cut at the grace period's end get to write their error before HTTP stops
 _HEALTH = {Phase.LOADING: health_pb2.HealthCheckResponse.NOT_SERVING,
            Phase.SERVING: health_pb2.HealthCheckResponse.SERVING,
@@ -97,6 +101,7 @@ class LlmServer:
             await self.health.set(service, _HEALTH[phase])
 
     async def start(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         await self._set_phase(Phase.LOADING)
         await self._grpc.start()
         if self.config.server.http_port:

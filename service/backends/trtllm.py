@@ -143,18 +143,22 @@ def sampling_kwargs(request: GenerationRequest, random_seed: Callable[[], int], 
 
 
 def guided_kwargs(guided: GuidedDecoding | None) -> dict[str, Any] | None:
-    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `grammar` xgrammar EBNF (a
-    schema between tags, a Hermes-style forced call, goes as EBNF).
+    """GuidedDecodingParams keyword arguments: `json` takes the schema's text, `regex` the regex, `grammar`
+    xgrammar EBNF (a choice, and a schema between tags, a Hermes-style forced call, go as EBNF).
 
     json_object goes as the schema {"type": "object"}, as the reference engine compiles it:
-    `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array."""
+    `json_object=True` is xgrammar's built-in JSON grammar, which also admits a top-level array.
+    The runtime does not close outputs within max_tokens (it cannot be told how): see
+    docs/tools-and-structured-output.md."""
     if guided is None:
         return None
     schema = schema_text(guided)
     if schema is not None:
         return {"json": schema}
+    if guided.regex is not None:
+        return {"regex": guided.regex}
     grammar = grammar_text(guided)
-    return None if grammar is None else {"grammar": grammar}
+    return {"grammar": grammar} if grammar is not None else None
 
 
 def _logprob_value(entry: Any) -> float:

@@ -77,7 +77,7 @@ class ChatCompletions:
                     timer.on_event(event)
                     answer.collect(event)
         except ENGINE_ERRORS as e:
-            raise engine_error(e) from None
+            raise engine_error(e, valid.budget_field) from None
         return answer.completion()
 
     async def stream(self, req: chat_pb2.ChatCompletionRequest,
@@ -116,7 +116,7 @@ class ChatCompletions:
                 if finished:
                     break
             if done[0] is not None:
-                raise engine_error(done[0]) from None  # type: ignore[arg-type]
+                raise engine_error(done[0], valid.budget_field) from None  # type: ignore[arg-type]
             if valid.include_usage:
                 yield answer.usage_chunk()
         finally:

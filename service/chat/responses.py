@@ -38,13 +38,14 @@ _FINISH_REASON_PB = {
 }
 
 
-def engine_error(e: Exception) -> ServiceError:
+def engine_error(e: Exception, budget_field: str = "max_tokens") -> ServiceError:
+    """`budget_field`: the name the request gave its token budget, which an engine's refusal calls max_tokens."""
     if isinstance(e, ServiceError):  # raised on the way to the engine (a drain refusing a queued request)
         return e
     if isinstance(e, QueueFull):
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {e}")
     if isinstance(e, InvalidRequest):
-        return ServiceError.invalid_field(e.field, e.message)
+        return ServiceError.invalid_field(budget_field if e.field == "max_tokens" else e.field, e.message)
     return ServiceError(grpc.StatusCode.INTERNAL, f"engine failure: {e}")
 
 

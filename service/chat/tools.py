@@ -27,12 +27,13 @@ service/chat/tool_parsers.py; `call_parser` picks the model's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format
 
 from service.backends.base import GuidedDecoding
-from service.chat.schemas import plain_json, schema_json, schema_problem
+from service.chat.schemas import request_schema, schema_json, schema_problem, size_problem
 from service.chat.tool_parsers import (
     Arguments,
     CallParser,
@@ -58,32 +59,53 @@ def tool_mode(req: chat_pb2.ChatCompletionRequest) -> str:
     return "function" if kind == "function" else req.tool_choice.mode
 
 
-def _parameters(tool: chat_pb2.Tool) -> dict[str, Any]:
-    if not tool.function.HasField("parameters"):
-        return NO_PARAMETERS
-    return plain_json(json_format.MessageToDict(tool.function.parameters))
+def _parameters(tool: chat_pb2.Tool, field: str,
+                violations: list[FieldViolation]) -> tuple[dict[str, Any] | None, str]:
+    function = tool.function
+    if not function.HasField("parameters") and not function.parameters_json:
+        return NO_PARAMETERS, field
+    return request_schema(function.parameters if function.HasField("parameters") else None,
+                          function.parameters_json, field, violations)
+
+
+def tool_parameters(tools: Sequence[chat_pb2.Tool], violations: list[FieldViolation]) -> list[dict[str, Any] | None]:
+    """Each tool's parameters schema, in the order its arguments are written (see service/chat/schemas.py), or
+    None for one that is bad (added to `violations`)."""
+    out: list[dict[str, Any] | None] = []
+    for i, tool in enumerate(tools):
+        parameters, field = _parameters(tool, f"tools[{i}].function.parameters", violations)
+        problem = None
+        if parameters is not None and parameters.get("type", "object") != "object":
+            problem = "must be the JSON schema of an object (the arguments are an object)"
+        elif parameters is not None:
+            problem = schema_problem(parameters)
+        if problem:
+            violations.append(FieldViolation(field, problem))
+        out.append(None if problem else parameters)
+    return out
 
 
 def callable_tools(req: chat_pb2.ChatCompletionRequest,
-                   violations: list[FieldViolation]) -> dict[str, dict[str, Any]]:
-    """The tools the model may call, name to parameters schema; a bad schema is added to `violations`."""
-    mode = tool_mode(req)
-    if mode == "none":
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for i, tool in enumerate(req.tools):
-        parameters, field = _parameters(tool), f"tools[{i}].function.parameters"
-        if parameters.get("type", "object") != "object":
-            violations.append(FieldViolation(field, "must be the JSON schema of an object (the arguments are an "
-                                                    "object)"))
-            continue
-        problem = schema_problem(parameters)
-        if problem:
-            violations.append(FieldViolation(field, problem))
-            continue
-        if mode != "function" or tool.function.name == req.tool_choice.function.name:
-            out[tool.function.name] = parameters
-    return out
+                   parameters: list[dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """The tools the model may call, name to parameters schema."""
+    named = req.tool_choice.function.name if tool_mode(req) == "function" else None
+    return {t.function.name: p for t, p in zip(req.tools, parameters, strict=True)
+            if p is not None and named in (None, t.function.name)}
+
+
+def offered_tools(tools: Sequence[chat_pb2.Tool],
+                  parameters: list[dict[str, Any] | None]) -> list[dict[str, Any]] | None:
+    """The tools as the chat template renders them (OpenAI's JSON form), their parameters in the order the
+    arguments are written: the same tools always make the same prompt, token for token. None for no tools."""
+    out = []
+    for tool, schema in zip(tools, parameters, strict=True):
+        rendered = json_format.MessageToDict(tool, preserving_proto_field_name=True)
+        function = rendered.setdefault("function", {})
+        function.pop("parameters_json", None)
+        if schema is not None and (tool.function.HasField("parameters") or tool.function.parameters_json):
+            function["parameters"] = schema
+        out.append(rendered)
+    return out or None
 
 
 def _rebase_refs(value: Any, old: str, new: str) -> Any:
@@ -114,16 +136,17 @@ def call_schema(tools: dict[str, dict[str, Any]], tool_format: str) -> dict[str,
     return schema
 
 
-def forced_call(tools: dict[str, dict[str, Any]], tool_format: str,
+def forced_call(tools: dict[str, dict[str, Any]], tool_format: str, max_bytes: int,
                 violations: list[FieldViolation]) -> GuidedDecoding | None:
     """Decoding constrained to one call of one of `tools`, as the model's format writes it."""
     schema = call_schema(tools, tool_format)
-    problem = schema_problem(schema)
+    text = schema_json(schema)
+    problem = size_problem(text, max_bytes) or schema_problem(schema)
     if problem:
         violations.append(FieldViolation("tools", problem))
         return None
     tags = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tool_format == HERMES else None
-    return GuidedDecoding(json_schema=schema_json(schema), tags=tags)
+    return GuidedDecoding(json_schema=text, tags=tags, field="tools")
 
 
 def call_parser(names: list[str], tool_format: str) -> CallParser:

@@ -18,7 +18,6 @@ system turn, `functions`/`function_call` are tools/tool_choice, and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +26,8 @@ from google.protobuf import json_format
 
 from service.admission import Call
 from service.backends.base import GenerationRequest, GuidedDecoding, SamplingParams
-from service.chat.schemas import plain_json, schema_json, schema_problem
-from service.chat.tools import callable_tools, forced_call, tool_mode
+from service.chat.schemas import grammar_problem, request_schema, schema_json, schema_problem, size_problem
+from service.chat.tools import callable_tools, forced_call, offered_tools, tool_mode, tool_parameters
 from service.config import ServerConfig
 from service.errors import FieldViolation, ServiceError
 from service.gen.llmserve.v1 import chat_pb2
@@ -51,6 +50,7 @@ class ValidChat:
     tool_names: list[str]  # the tools the model may call: its answers are parsed for a call of one
     logprobs: bool
     include_usage: bool
+    budget_field: str = "max_tokens"  # or max_completion_tokens, as the request named it: refusals name it so
 
     def generation_request(self, call: Call) -> GenerationRequest:
         return GenerationRequest(call.request_id, self.prompt, self.sampling, self.n, call.deadline, self.guided)
@@ -118,27 +118,59 @@ def _cross_field_violations(req: chat_pb2.ChatCompletionRequest) -> list[FieldVi
     if req.HasField("max_tokens") and req.HasField("max_completion_tokens") and \
             req.max_tokens != req.max_completion_tokens:
         out.append(FieldViolation("max_completion_tokens", "conflicts with max_tokens; send one of them"))
+    json_format_set = req.response_format.type in ("json_object", "json_schema")
     if req.HasField("response_format"):
         fmt = req.response_format
-        if fmt.type == "json_schema" and not fmt.json_schema.HasField("schema"):
+        if fmt.type == "json_schema" and not fmt.json_schema.HasField("schema") and not fmt.json_schema.schema_json:
             out.append(FieldViolation(_RESPONSE_SCHEMA, "required when type is json_schema"))
-        if fmt.type in ("json_object", "json_schema") and req.tools and tool_mode(req) != "none":
+        if json_format_set and req.tools and tool_mode(req) != "none":
             out.append(FieldViolation("response_format", "cannot be combined with tool calls; set tool_choice none"))
+    if req.HasField("structured_outputs"):
+        if json_format_set:
+            out.append(FieldViolation("structured_outputs", "cannot be combined with a JSON response_format"))
+        if req.tools and tool_mode(req) != "none":
+            out.append(FieldViolation("structured_outputs", "cannot be combined with tool calls; set tool_choice "
+                                                            "none"))
     return out
 
 
-def _response_format(req: chat_pb2.ChatCompletionRequest, violations: list[FieldViolation]) -> GuidedDecoding | None:
-    """The output's constraint the response format asks for (forced tool calls depend on the model: _guided)."""
+def _response_format(req: chat_pb2.ChatCompletionRequest, limits: ServerConfig,
+                     violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """The output's constraint response_format or structured_outputs asks for (forced tool calls depend on the
+    model: _guided)."""
     if req.response_format.type == "json_object":
-        return GuidedDecoding(json_object=True)
-    if req.response_format.type != "json_schema" or not req.response_format.json_schema.HasField("schema"):
+        return GuidedDecoding(json_object=True, field="response_format")
+    if req.HasField("structured_outputs"):
+        return _structured_outputs(req.structured_outputs, violations)
+    if req.response_format.type != "json_schema":
         return None
-    schema = plain_json(json_format.MessageToDict(req.response_format.json_schema.schema))
-    problem = schema_problem(schema)
+    given = req.response_format.json_schema
+    schema, field = request_schema(given.schema if given.HasField("schema") else None, given.schema_json,
+                                   _RESPONSE_SCHEMA, violations)
+    if schema is None:
+        return None
+    text = schema_json(schema)
+    problem = size_problem(text, limits.max_schema_bytes) or schema_problem(schema)
     if problem:
-        violations.append(FieldViolation(_RESPONSE_SCHEMA, problem))
+        violations.append(FieldViolation(field, problem))
         return None
-    return GuidedDecoding(json_schema=schema_json(schema))
+    return GuidedDecoding(json_schema=text, field=field)
+
+
+def _structured_outputs(given: chat_pb2.StructuredOutputs, violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """A regex or a grammar xgrammar refuses is named here; a choice always compiles. Not exactly one of them set
+    is an annotation's violation, already reported."""
+    if bool(given.regex) + bool(given.choice) + bool(given.grammar) != 1:
+        return None
+    if given.choice:
+        return GuidedDecoding(choice=tuple(given.choice), field="structured_outputs.choice")
+    kind, text, field = ("regex", given.regex, "structured_outputs.regex") if given.regex else \
+        ("ebnf", given.grammar, "structured_outputs.grammar")
+    problem = grammar_problem(kind, text)
+    if problem:
+        violations.append(FieldViolation(field, problem))
+        return None
+    return GuidedDecoding(regex=text, field=field) if kind == "regex" else GuidedDecoding(ebnf=text, field=field)
 
 
 def _with_functions_as_tools(req: chat_pb2.ChatCompletionRequest) -> chat_pb2.ChatCompletionRequest:
@@ -163,11 +195,12 @@ def _for_template(message: chat_pb2.ChatMessage) -> dict[str, Any]:
 
 
 def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]], model: ServedModel,
-            response_format: GuidedDecoding | None, violations: list[FieldViolation]) -> GuidedDecoding | None:
+            response_format: GuidedDecoding | None, limits: ServerConfig,
+            violations: list[FieldViolation]) -> GuidedDecoding | None:
     """The output's constraint: a mandatory tool call, as the model's tool format writes it, or the response
-    format's."""
+    format's (or structured_outputs')."""
     if tools and tool_mode(req) in ("required", "function"):
-        return forced_call(tools, model.template.tool_format, violations)
+        return forced_call(tools, model.template.tool_format, limits.max_schema_bytes, violations)
     return response_format
 
 
@@ -175,20 +208,6 @@ def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]]
                   add_generation_prompt: bool = True) -> list[int]:
     """The conversation's token ids, by the model's chat template; raises ChatTemplateError."""
     return model.template.encode([_for_template(m) for m in messages], tools, add_generation_prompt)
-
-
-def _tool_dicts(tools: Any) -> list[dict[str, Any]] | None:
-    """The tools as the chat template takes them (OpenAI's JSON form), or None for no tools. A Struct keeps no key
-    order (it changes from process to process, even from copy to copy), so the parameters' keys are sorted: the
-    same tools always make the same prompt, token for token. Integral numbers stay integers."""
-    out = []
-    for tool in tools:
-        tool_dict = json_format.MessageToDict(tool, preserving_proto_field_name=True)
-        function = tool_dict.get("function", {})
-        if "parameters" in function:
-            function["parameters"] = plain_json(json.loads(json.dumps(function["parameters"], sort_keys=True)))
-        out.append(tool_dict)
-    return out or None
 
 
 def _renderable(violations: list[FieldViolation]) -> bool:
@@ -278,16 +297,17 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     violations = request_violations(req, limits)
     req = _with_functions_as_tools(req)
     renderable = _renderable(violations)
-    tools = callable_tools(req, violations)
-    response_format = _response_format(req, violations)
+    parameters = tool_parameters(req.tools, violations) if tool_mode(req) != "none" else [None] * len(req.tools)
+    tools = callable_tools(req, parameters)
+    response_format = _response_format(req, limits, violations)
     model = _served(registry, req.model, violations)
     logit_bias = _logit_bias(req, model, violations)
-    guided = _guided(req, tools, model, response_format, violations)
+    guided = _guided(req, tools, model, response_format, limits, violations)
     prompt: list[int] = []
     max_tokens = 0
     if renderable:
-        offered = _tool_dicts(req.tools) if tool_mode(req) != "none" else None
         try:
+            offered = offered_tools(req.tools, parameters) if tool_mode(req) != "none" else None
             prompt = render_prompt(model, req.messages, offered)
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
@@ -296,7 +316,8 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     if violations:
         raise ServiceError.invalid(violations)
     return ValidChat(model, prompt, _sampling(req, max_tokens, logit_bias), req.n if req.HasField("n") else 1, guided,
-                     list(tools), bool(req.logprobs), req.stream_options.include_usage)
+                     list(tools), bool(req.logprobs), req.stream_options.include_usage,
+                     "max_completion_tokens" if req.HasField("max_completion_tokens") else "max_tokens")
 
 
 def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
@@ -315,6 +336,7 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
         violations.append(FieldViolation("tools", "only with messages: tools are rendered by the chat template"))
     violations += _message_violations(list(req.messages))
     renderable = _renderable(violations)
+    offered = offered_tools(req.tools, tool_parameters(req.tools, violations))
     model = _served(registry, req.model, violations)
     tokens: list[int] = []
     if req.HasField("text") and not violations:
@@ -323,7 +345,7 @@ def validate_tokenize(req: chat_pb2.TokenizeRequest, registry: ModelRegistry,
     elif req.messages and renderable:
         add_generation_prompt = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
         try:
-            tokens = render_prompt(model, req.messages, _tool_dicts(req.tools), add_generation_prompt)
+            tokens = render_prompt(model, req.messages, offered, add_generation_prompt)
         except ChatTemplateError as e:
             violations.append(FieldViolation(e.field, str(e)))
     if violations:

@@ -8,7 +8,9 @@ key is checked against the contract's own descriptor, so an unknown field is
 named with its path (`messages[0].rol`) instead of being dropped silently, a
 JSON null means "unset", and a value of the wrong JSON type (or a string that
 is not UTF-8, a lone surrogate) is named precisely; json_format.ParseDict does
-the conversion itself. Ranges and cross-field rules are not checked here: the
+the conversion itself. Schemas also travel as their JSON text (schema_json,
+parameters_json), which keeps the client's key order. Ranges and cross-field
+rules are not checked here: the
 request then goes through the same validation as a gRPC request.
 """
 
@@ -175,6 +177,20 @@ def _normalise(body: dict[str, Any], violations: list[FieldViolation]) -> dict[s
     return body
 
 
+def _verbatim_schemas(body: dict[str, Any]) -> None:
+    """Each schema also as its JSON text, in the order the client wrote it: a Struct keeps none, and the output
+    writes keys in the schema's order (see service/chat/schemas.py)."""
+    fmt = body.get("response_format")
+    given = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if isinstance(given, dict) and isinstance(given.get("schema"), dict) and "schema_json" not in given:
+        given["schema_json"] = json.dumps(given["schema"])
+    for tool in body.get("tools") or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("parameters"), dict) and \
+                "parameters_json" not in function:
+            function["parameters_json"] = json.dumps(function["parameters"])
+
+
 def _parse_error_field(message: str) -> str:
     found = _PARSE_ERROR_PATH.search(message) or _PARSE_ERROR_FIELD.search(message)
     return found.group(1) if found else "body"
@@ -200,6 +216,7 @@ def parse_chat(body: dict[str, Any], ignore_unknown: bool) -> ParsedChat:
     violations += walker.violations
     if violations:
         raise ServiceError.invalid(violations)
+    _verbatim_schemas(checked)
     try:
         request = json_format.ParseDict(checked, chat_pb2.ChatCompletionRequest())
     except json_format.ParseError as e:

@@ -129,11 +129,14 @@ def chunk_event(chunk: chat_pb2.ChatCompletionChunk, usage_null: bool) -> bytes:
 
 
 def model_json(m: chat_pb2.Model) -> dict[str, Any]:
-    """OpenAI's four fields, then what llmserve adds (context length, backend, GPU profile, tool format)."""
+    """OpenAI's four fields, then what llmserve adds (context length, backend, GPU profile, tool format, structured
+    output)."""
     return {"id": m.id, "object": m.object or "model", "created": m.created, "owned_by": m.owned_by,
             "context_length": m.context_length, "backend": m.backend,
             "profile": json_format.MessageToDict(m.profile, preserving_proto_field_name=True),
-            "tool_format": m.tool_format}
+            "tool_format": m.tool_format,
+            "structured_output": {"forms": list(m.structured_output.forms),
+                                  "closes_within_max_tokens": m.structured_output.closes_within_max_tokens}}
 
 
 def models_json(models: chat_pb2.ListModelsResponse) -> dict[str, Any]:

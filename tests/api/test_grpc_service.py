@@ -136,6 +136,8 @@ async def test_list_models_and_tokenize(stub: chat_pb2_grpc.ChatServiceStub) -> 
     assert (demo.backend, demo.context_length, demo.owned_by, demo.tool_format) == (
         "reference", 2048, "llmserve", "llama-3.1-json")
     assert demo.profile.gpu_architecture == "cpu" and demo.profile.id
+    assert set(demo.structured_output.forms) == {"json_object", "json_schema", "tools", "regex", "choice", "grammar"}
+    assert demo.structured_output.closes_within_max_tokens
     text = await stub.Tokenize(chat_pb2.TokenizeRequest(model="demo", text="hello world"))
     assert text.count == len(text.tokens) > 0 and text.max_model_len == 2048
     with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -115,7 +115,7 @@ async def test_legacy_functions_are_served_as_tools(http: httpx.AsyncClient) -> 
 async def test_openai_sdk_sends_the_newer_fields(server: Any) -> None:
     client = openai.AsyncOpenAI(base_url=base_url(server), api_key="unused")
     reply = await client.chat.completions.create(
-        model="demo", messages=[{"role": "developer", "content": "Be terse."}, *USER], max_completion_tokens=4,
+        model="demo", messages=[{"role": "developer", "content": "Be terse."}, *USER], max_completion_tokens=48,
         parallel_tool_calls=False, tools=[WEATHER_TOOL], tool_choice="required", store=False, user="u-1",
         metadata={"k": "v"}, service_tier="auto", logit_bias={"7": -50}, reasoning_effort="low",
         safety_identifier="s-1", prompt_cache_key="c")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, Literal
 
 import grpc
@@ -13,6 +14,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from google.protobuf import json_format
 
 from service.chat.schemas import schema_problem
 from service.chat.tools import Arguments, CallStart, Content, call_parser, call_schema
@@ -193,6 +195,32 @@ async def test_forced_calls_are_valid_calls_of_allowed_tools(stub: chat_pb2_grpc
         assert_openai_deltas(deltas, allowed)
     if choice == "required":
         assert len({r.choices[0].message.tool_calls[0].function.name for r in unary}) > 1
+
+
+async def test_forced_calls_are_whole_calls_whatever_max_tokens(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    """Unbounded arguments (a random model rambles in the city's name), max_tokens from the minimum to 300: every
+    call's arguments parse and validate, unary and streamed; "length" when the budget closed the call."""
+    tools = tools_pb()
+    tools[0].function.parameters.CopyFrom(struct({"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}))
+    probe = chat("What now?", tools=tools, tool_choice=required(), max_tokens=0)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.CreateChatCompletion(probe)
+    assert field_violations(e.value) == ["max_tokens"], e.value.details()
+    least = int(re.search(r"allows, (\d+) tokens", e.value.details()).group(1))  # type: ignore[union-attr]
+    budgets = [least + (300 - least) * i // (len(SEEDS) - 1) for i in SEEDS]
+    reqs = [chat("What now?", tools=tools, tool_choice=required(), seed=seed, max_tokens=budget)
+            for seed, budget in zip(SEEDS, budgets, strict=True)]
+    unary, streams = await asyncio.gather(asyncio.gather(*(stub.CreateChatCompletion(r) for r in reqs)),
+                                          asyncio.gather(*(streamed_call(stub, r) for r in reqs)))
+    schemas = {**TOOLS, "get_weather": json.loads(json_format.MessageToJson(tools[0].function.parameters))}
+    for reply, (deltas, content, finish) in zip(unary, streams, strict=True):
+        c = reply.choices[0]
+        assert c.finish_reason in (FR.FINISH_REASON_TOOL_CALLS, FR.FINISH_REASON_LENGTH) and finish == c.finish_reason
+        call = c.message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        assert content == "" and "".join(d.function.arguments for d in deltas[1:]) == call.function.arguments
+    assert FR.FINISH_REASON_LENGTH in [r.choices[0].finish_reason for r in unary]
 
 
 async def test_none_never_calls_even_when_the_text_looks_like_a_call(stub: chat_pb2_grpc.ChatServiceStub) -> None:

@@ -132,6 +132,9 @@ def test_guided_decoding_mapping() -> None:
     assert backend.guided_kwargs(GuidedDecoding(json_object=True)) == {"json": '{"type": "object"}'}, \
         "an object, as the reference engine enforces it (json_object=True would also admit an array)"
     assert backend.guided_kwargs(GuidedDecoding(ebnf='root ::= "a"')) == {"grammar": 'root ::= "a"'}
+    assert backend.guided_kwargs(GuidedDecoding(regex="[a-z]+")) == {"regex": "[a-z]+"}
+    assert backend.guided_kwargs(GuidedDecoding(choice=("yes", 'say "no"'))) == {
+        "grammar": 'root ::= "yes" | "say \\"no\\""'}, "a choice is the grammar of exactly its strings"
     assert backend.guided_kwargs(None) is None
     tagged = GuidedDecoding(json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}, '
                                         '"required": ["a"]}', tags=("<tool_call>", "</tool_call>"))
@@ -141,7 +144,7 @@ def test_guided_decoding_mapping() -> None:
     assert all(matcher.accept_string(part) for part in ('<tool_call>{"a": ', "12}", "</tool_call>"))
     assert matcher.is_completed()
     for guided in (GuidedDecoding(json_schema=schema), GuidedDecoding(json_object=True), GuidedDecoding(ebnf="x"),
-                   tagged):
+                   GuidedDecoding(regex="x"), GuidedDecoding(choice=("x",)), tagged):
         assert set(backend.guided_kwargs(guided) or {}) <= GUIDED_FIELDS
 
 
@@ -294,6 +297,9 @@ async def test_profile_is_selected_and_flags_reach_the_runtime(trt: TrtServer) -
     assert (info.id, info.gpu_architecture, info.precision) == ("tensorrt-sm90-fp8-tp1", "sm90", "fp8")
     models = await trt.stub.ListModels(chat_pb2.ListModelsRequest())
     assert MODEL in [m.id for m in models.data]
+    listed = next(m for m in models.data if m.id == MODEL)
+    assert "regex" in listed.structured_output.forms and not listed.structured_output.closes_within_max_tokens, \
+        "TensorRT-LLM cannot be told to close outputs within max_tokens, and says so"
 
 
 async def test_unary(trt: TrtServer) -> None:

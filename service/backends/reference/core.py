@@ -6,7 +6,9 @@ offered to the prefix cache, forks of n > 1 after the shared prefill, and each
 sampled token through EOS, the detokenizer, stop strings and the grammar. The
 forward pass itself is the model runner's. It runs in a single thread (see
 loop.py): nothing here is shared with the event loop except through the
-commands it is given and the events step() returns.
+commands it is given and the events step() returns. A request whose grammar
+is new waits for it in `compiling` (worker threads) and is admitted when the
+loop finds it ready, so no compilation ever runs inside a step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from service.backends.base import (
     TokenDelta,
 )
 from service.backends.detokenizer import IncrementalDetokenizer
+from service.backends.grammar import Grammar
 from service.backends.reference.block_manager import BlockManager
+from service.backends.reference.compiling import Compiling
 from service.backends.reference.guided import Guides
 from service.backends.reference.model_runner import ModelRunner
 from service.backends.reference.sampler import sample
@@ -37,6 +41,7 @@ from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_
 from service.config import EngineConfig
 
 Emitted = list[tuple[str, Event]]
+Posted = list[tuple[str, Event | BaseException]]   # a request's events, or the error its stream raises
 
 
 class EngineCore:
@@ -48,6 +53,7 @@ class EngineCore:
         self.eos = eos_token_ids(checkpoint, tokenizer)
         self.special = special_token_ids(tokenizer)
         self.guides = Guides(tokenizer, c.vocab_size, self.eos, self.table, self.runner.device)
+        self.compiling = Compiling(self.guides.grammars, config.grammar_threads, config.grammar_compile_timeout)
         self.block_size = config.block_size
         self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, config.block_size, config.prefix_caching),
                                    config.max_running, config.max_step_tokens)
@@ -86,16 +92,46 @@ class EngineCore:
         return Group(request.request_id, seqs)
 
     def add(self, request: GenerationRequest) -> Emitted:
-        group = self._group(request)
+        """Admits a checked request, or leaves it to wait for its grammar (see admit_compiled)."""
+        grammar = None
         if request.guided is not None:
+            grammar = self.guides.grammars.lookup(request.guided)
+            if grammar is None:
+                self.compiling.submit(request)
+                return []
+        return self._admit(request, grammar)
+
+    def _admit(self, request: GenerationRequest, grammar: Grammar | None) -> Emitted:
+        group = self._group(request)
+        if request.guided is not None and grammar is not None:
+            self.guides.fits(request.guided, grammar, request.sampling.max_tokens)
             for seq in group.seqs:
-                seq.logits_processors.append(self.guides.processor(request.guided))
+                seq.logits_processors.append(self.guides.processor(request.guided, grammar,
+                                                                   request.sampling.max_tokens))
         if request.sampling.max_tokens == 0:
             return [(request.request_id, Finished(s.index, FinishReason.LENGTH, 0)) for s in group.seqs]
         self.scheduler.add(group)
         return []
 
+    def admit_compiled(self, now: float) -> Posted:
+        """Requests whose grammar is ready join the scheduler; refused or expired ones end."""
+        out: Posted = []
+        for request, outcome in self.compiling.ready(now):
+            if isinstance(outcome, Grammar):
+                try:
+                    out += self._admit(request, outcome)
+                    continue
+                except InvalidRequest as e:
+                    outcome = e
+            out.append((request.request_id, outcome))
+        for request in self.compiling.expired(now):
+            out += [(request.request_id, Finished(i, FinishReason.DEADLINE, 0)) for i in range(request.n)]
+        return out
+
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Emitted:
+        compiling = self.compiling.remove(request_id)
+        if compiling is not None:
+            return [(request_id, Finished(i, reason, 0)) for i in range(compiling.n)]
         group = self.scheduler.groups.get(request_id)
         if group is None:
             return []
@@ -108,7 +144,7 @@ class EngineCore:
                 self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or len(self.compiling))
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> Emitted:
         out: Emitted = []
@@ -178,9 +214,11 @@ class EngineCore:
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             seq.output.append(token)
             reason = None
-            # A grammar allows EOS only where the output may end: then it ends, ignore_eos or not.
+            # A grammar allows EOS only where the output may end: then it ends, ignore_eos or not. Where the
+            # budget forced the ending (see guided.py), the reason is length: the model did not choose to stop.
+            closed = any(p.closed_by_budget for p in seq.logits_processors)
             if token in self.eos and (not seq.params.ignore_eos or seq.logits_processors):
-                text, reason = "", FinishReason.STOP
+                text, reason = "", FinishReason.LENGTH if closed else FinishReason.STOP
             else:
                 text, stopped = seq.detok.add(token)
                 if stopped:
@@ -189,7 +227,7 @@ class EngineCore:
                     reason = FinishReason.LENGTH
                 for processor in seq.logits_processors:
                     if processor.accept(token) and reason is None:
-                        reason = FinishReason.STOP
+                        reason = FinishReason.LENGTH if processor.closed_by_budget else FinishReason.STOP
             out.append((seq.request_id, TokenDelta(seq.index, [token], text, [lp] if lp else None)))
             if reason is not None:
                 out += self._finish(seq, reason)

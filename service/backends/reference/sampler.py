@@ -91,6 +91,14 @@ def _logprobs(raw: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> lis
     return out
 
 
+def _reviewed(tokens: list[int], seqs: list[Sequence]) -> list[int]:
+    """Each row's token after its processors' review (a grammar closing the output within max_tokens)."""
+    for i, s in enumerate(seqs):
+        for processor in s.logits_processors:
+            tokens[i] = processor.review(tokens[i])
+    return tokens
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of logits [B, V] (float32, modified in place), and its logprobs when asked."""
     raw = logits.clone() if any(s.params.logprobs for s in seqs) else logits
@@ -102,7 +110,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     temps = [s.params.temperature for s in seqs]
     greedy = [i for i, t in enumerate(temps) if t == 0.0]
     if len(greedy) == len(seqs):
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = _reviewed(logits.argmax(dim=-1).tolist(), seqs)
         return tokens, _logprobs(raw, tokens, seqs)
     tokens = [0] * len(seqs)
     if greedy:
@@ -120,4 +128,5 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         picked = order.gather(1, picked)
     for i, t in zip(rows, picked.squeeze(1).tolist(), strict=True):
         tokens[i] = t
+    tokens = _reviewed(tokens, seqs)
     return tokens, _logprobs(raw, tokens, seqs)
