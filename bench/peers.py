@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -37,10 +38,12 @@ class Peer:
     # Packages its requirements pull in that do not load with the local CPU torch.
     remove: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    dtype: str = "float32"
+    program: str = ""    # the installed program it runs (default: its name); its venv is named after it
 
     @property
     def venv(self) -> Path:
-        return PEERS_DIR / self.name
+        return PEERS_DIR / (self.program or self.name)
 
     @property
     def python(self) -> Path:
@@ -51,15 +54,15 @@ class Peer:
         return PEERS_DIR / f"{self.name}.log"
 
     def command(self, checkpoint: Path, name: str, port: int) -> list[str]:
-        if self.name == "vllm":
+        if (self.program or self.name) == "vllm":
             return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                     "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-                    "--dtype", "float32", "--max-model-len", "512",
+                    "--dtype", self.dtype, "--max-model-len", "512",
                     # Never split a prefill: vLLM-CPU crashes re-seeding a chunked seeded request.
                     "--max-num-batched-tokens", "8192", "--distributed-executor-backend", "uni"]
         return [str(self.venv / "bin" / "transformers"), "serve", str(checkpoint), "--continuous-batching",
                 "--host", "127.0.0.1", "--port", str(port), "--cb-num-blocks", "256", "--cb-max-batch-tokens", "512",
-                "--dtype", "float32", "--device", "cpu"]
+                "--dtype", self.dtype, "--device", "cpu"]
 
 
 PEERS = {
@@ -69,6 +72,8 @@ PEERS = {
                  env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
     "transformers": Peer("transformers", ("transformers[serving]==5.23.0",)),
 }
+# The same vLLM serving bfloat16 weights, as llmserve does on CPUs with native bfloat16: equal precision.
+PEERS["vllm-bf16"] = dataclasses.replace(PEERS["vllm"], name="vllm-bf16", dtype="bfloat16", program="vllm")
 
 
 def installed(peer: Peer) -> bool:

@@ -21,7 +21,10 @@ from service.config import EngineConfig
 def _dtype(name: str, checkpoint: Path, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cpu":
-            return torch.float32  # CPUs have no fast half-precision matmuls
+            # bfloat16 halves the bytes a step reads, and CPUs with native bfloat16 dot products (AVX512-BF16,
+            # AMX) run its prepacked matmuls 2-3x faster than float32's; elsewhere bfloat16 is emulated.
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            return torch.bfloat16 if native else torch.float32
         config = json.loads((checkpoint / "config.json").read_text())
         # Published checkpoints say torch_dtype; transformers 5 writes dtype.
         name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
