@@ -25,6 +25,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"        # max_tokens, or the context is full
     CANCELLED = "cancelled"  # aborted by the caller
     DEADLINE = "deadline"    # the request's deadline passed
+    ERROR = "error"          # a worker failed the choice (gone, or gave up on it): the call ends UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,11 @@ class QueueFull(RuntimeError):
     """Admission refused: the waiting queue is at its bound. Raised before any event."""
 
 
+class Unavailable(RuntimeError):
+    """No worker can take the request now (none in rotation, or each one tried failed before starting it).
+    Raised before any event; the client should retry."""
+
+
 class InvalidRequest(ValueError):
     """The engine cannot take this request as asked (e.g. a grammar it cannot compile)."""
 
@@ -156,6 +162,19 @@ class EngineStats:
 class EngineHealth:
     ok: bool
     detail: str = ""
+    recoverable: bool = False   # not ok for now, and back by itself (a model whose workers are all down)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One of a model's gRPC workers, for ListModels and the metrics."""
+
+    address: str               # KIND://HOST:PORT
+    kind: str
+    healthy: bool              # in rotation
+    detail: str                # why not, or the worker's own health message
+    in_flight: int             # llmserve's requests on it now
+    stats: EngineStats | None  # as the worker reports them (GetLoads); None for a kind without
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +218,14 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def health(self) -> EngineHealth: ...
+
+    def workers(self) -> list[WorkerStatus]:
+        """The gRPC workers generating for this engine; none for an engine that generates in this process."""
+        return []
+
+    def refused_fields(self) -> dict[str, str]:
+        """Contract fields this engine cannot honour, with why: validation refuses a request that sets one."""
+        return {}
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -35,10 +35,13 @@ class Choices:
         return self._seen[index]
 
     def logprob(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        """A token's logprob entry, its text and bytes (and its top alternatives') from the vocabulary."""
+        """A token's logprob entry, its text and bytes (and its top alternatives') from the vocabulary. The
+        alternatives are the top_logprobs most likely of those given, whatever their order: vLLM's and
+        TensorRT-LLM's lists start with the sampled token, which need not be one of the best."""
         def text(t: int) -> str:
             return self._table[t].decode("utf-8", errors="replace")
-        tops = tuple(TopToken(t, text(t), lp, self._table[t]) for t, lp in top[:self._request.sampling.top_logprobs])
+        best = sorted(top, key=lambda alt: -alt[1])[:self._request.sampling.top_logprobs]
+        tops = tuple(TopToken(t, text(t), lp, self._table[t]) for t, lp in best)
         return TokenLogprob(token_id, text(token_id), logprob, self._table[token_id], tops)
 
     def advance(self, index: int, tokens: list[int], finish: FinishReason | None,

@@ -18,6 +18,8 @@ def list_models(registry: ModelRegistry) -> chat_pb2.ListModelsResponse:
             profile=chat_pb2.ModelProfile(id=profile.id, gpu_architecture=profile.gpu_architecture,
                                           precision=profile.precision,
                                           tensor_parallel_size=profile.tensor_parallel_size),
+            workers=[chat_pb2.ModelWorker(address=w.address, kind=w.kind, serving=w.healthy, detail=w.detail,
+                                          requests_in_flight=w.in_flight) for w in model.engine.workers()],
         )
     return out
 

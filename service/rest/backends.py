@@ -62,4 +62,10 @@ class InProcessBackend:
         return list_models(self._registry)
 
     async def readiness(self) -> tuple[bool, str]:
-        return self._admission.phase is Phase.SERVING, self._admission.phase.value
+        """As the gRPC health of llmserve.v1.ChatService: serving, with at least one model that can generate."""
+        if self._admission.phase is not Phase.SERVING:
+            return False, self._admission.phase.value
+        models = self._registry.serving()
+        if any(models.values()):
+            return True, self._admission.phase.value
+        return False, "no model can generate now: " + ", ".join(models)
