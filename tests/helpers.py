@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service.config import Config, EngineConfig, ServerConfig
+from service.config import Config, EngineConfig, ServerConfig, WorkersConfig
 from service.gen.llmserve.v1 import chat_pb2
 from service.healthcheck import wait_serving
 
@@ -42,6 +42,12 @@ def server_config(engines_dir: Path, **server: object) -> Config:
                        **server),
         engine=engine or EngineConfig(max_running=32, max_queue=64, max_cache_tokens=16384),
     )
+
+
+def worker_config(engines_dir: Path, *workers: str, **settings: object) -> Config:
+    """A config serving the engines directory plus gRPC `workers` (NAME=KIND://HOST:PORT), with WorkersConfig
+    `settings`."""
+    return replace(server_config(engines_dir), workers=replace(WorkersConfig(), workers=list(workers), **settings))
 
 
 @asynccontextmanager

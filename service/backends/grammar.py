@@ -26,6 +26,16 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'
 COMPILE_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars: ~0.2 MB each at 4k tokens, ~30x that at 128k
 
 
+def json_banned_tokens(token_bytes: list[bytes]) -> list[int]:
+    """The tokens no output under a JSON schema may hold: those with a raw control character.
+
+    JSON written without free whitespace never contains one (newlines and tabs inside strings are escaped),
+    yet xgrammar's length-bounded strings (`maxLength`) admit them, and `json.loads` refuses them. Every engine
+    bans these tokens under a JSON schema: the reference engine masks them, gRPC workers are sent them as
+    tokens to avoid (service/backends/workers/)."""
+    return [i for i, b in enumerate(token_bytes) if any(c < 0x20 for c in b)]
+
+
 def schema_text(guided: GuidedDecoding) -> str | None:
     """The JSON schema an engine compiles for `guided`, or None for an EBNF grammar."""
     return JSON_OBJECT_SCHEMA if guided.json_object else guided.json_schema

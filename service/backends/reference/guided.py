@@ -6,11 +6,8 @@ calls `accept` with the token sampled. The grammar allows the end-of-sequence
 token only where the output may end, so a constrained choice is always
 complete unless max_tokens or a stop string cut it short.
 
-JSON written without free whitespace never contains a raw control character
-(newlines and tabs inside strings are escaped), yet xgrammar 0.2's
-length-bounded strings (`maxLength`) admit them, and `json.loads` refuses
-them. So tokens holding such bytes are masked too whenever the grammar is a
-JSON schema.
+Whenever the grammar is a JSON schema, the tokens that would put a raw
+control character into it are masked too (service.backends.grammar.json_banned_tokens).
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import torch
 import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding
-from service.backends.grammar import GrammarCache, schema_text
+from service.backends.grammar import GrammarCache, json_banned_tokens, schema_text
 
 
 class GrammarProcessor:
@@ -49,9 +46,8 @@ class Guides:
                  device: torch.device) -> None:
         self.grammars = GrammarCache(tokenizer, vocab_size, stop_token_ids)
         self._vocab_size = vocab_size
-        control = [any(b < 0x20 for b in token_bytes[i]) if i < len(token_bytes) else False
-                   for i in range(vocab_size)]
-        self._control = torch.tensor(control, dtype=torch.bool, device=device)
+        self._control = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self._control[json_banned_tokens(token_bytes[:vocab_size])] = True
 
     def check(self, guided: GuidedDecoding) -> None:
         """Compiles now (cached), so that a grammar xgrammar refuses is an InvalidRequest before admission

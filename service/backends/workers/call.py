@@ -14,14 +14,14 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from service.backends.base import GenerationRequest
 from service.backends.workers.health import describe_error
-from service.backends.workers.protocol import Output
+from service.backends.workers.protocol import Output, WorkerRequest
 from service.backends.workers.worker import Worker
 
 log = logging.getLogger("llmserve.workers")
@@ -31,8 +31,9 @@ CANCELLED = object()  # ... and when the request was aborted
 
 
 class WorkerCall:
-    def __init__(self, worker: Worker, request: GenerationRequest, n: int, eos_ids: Iterable[int],
-                 cancelled: asyncio.Event, spawn: Callable[[Any], None], abort_timeout: float) -> None:
+    def __init__(self, worker: Worker, request: GenerationRequest, n: int, stop_token_ids: tuple[int, ...],
+                 banned_token_ids: tuple[int, ...], cancelled: asyncio.Event, spawn: Callable[[Any], None],
+                 abort_timeout: float) -> None:
         self.worker = worker
         self.received = False     # a response came: the request started, so it is not retried elsewhere
         self._id = f"{request.request_id}-{secrets.token_hex(4)}"   # unique per attempt: Abort must name one call
@@ -44,7 +45,7 @@ class WorkerCall:
         self._open = True
         worker.in_flight += 1
         self._stop = asyncio.ensure_future(cancelled.wait())
-        self._call = worker.client.generate(request, self._id, n, eos_ids)
+        self._call = worker.client.generate(WorkerRequest(request, self._id, n, stop_token_ids, banned_token_ids))
 
     async def next(self) -> list[Output] | object | None:
         """The next response's Outputs, None at the stream's end, or DEADLINE / CANCELLED; raises AioRpcError."""

@@ -42,6 +42,7 @@ from service.backends.base import (
     WorkerStatus,
 )
 from service.backends.choices import Choices
+from service.backends.grammar import json_banned_tokens, schema_text
 from service.backends.vocab import eos_token_ids, token_byte_table
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.call import CANCELLED, DEADLINE, WorkerCall
@@ -88,6 +89,7 @@ class WorkerEngine(Engine):
         self._info: ModelInfo | None = None
         self._table: list[bytes] = []
         self._eos: set[int] = set()
+        self._json_banned: tuple[int, ...] = ()
         self._cancels: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._prober: Prober | None = None
@@ -125,6 +127,7 @@ class WorkerEngine(Engine):
         self._eos = eos_token_ids(checkpoint, self.tokenizer) | set(info.eos_token_ids)
         table = token_byte_table(self.tokenizer)
         self._table = table + [b""] * max(0, info.vocab_size - len(table))   # ids past the tokenizer: no text
+        self._json_banned = tuple(json_banned_tokens(self._table))
         context = self._context(info)
         if self._folder is not None:
             self.manifest = dataclasses.replace(self._folder, backend=self.kind, context_length=context)
@@ -194,12 +197,16 @@ class WorkerEngine(Engine):
         one that fails before its first answer is tried on the next worker."""
         assert self._router is not None
         hashes = block_hashes(request.prompt_token_ids)
+        stop = () if request.sampling.ignore_eos else tuple(sorted(self._eos))
+        json_schema = request.guided is not None and schema_text(request.guided) is not None
+        banned = self._json_banned if json_schema else ()
         tried: list[Worker] = []
         failures: list[str] = []
         busy = False
         while (worker := self._router.pick(hashes, tried)) is not None:
             tried.append(worker)
-            call = WorkerCall(worker, request, n, self._eos, cancelled, self._spawn, self._config.worker_probe_timeout)
+            call = WorkerCall(worker, request, n, stop, banned, cancelled, self._spawn,
+                              self._config.worker_probe_timeout)
             try:
                 return call, await call.next()
             except grpc.aio.AioRpcError as e:

@@ -28,6 +28,20 @@ STOP_REASONS = frozenset({"stop", "stop_word"})
 LENGTH_REASONS = frozenset({"length"})
 
 
+BAN_BIAS = -100.0   # the strongest logit bias vLLM's OpenAI API allows: a token so biased is never sampled
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRequest:
+    """A GenerationRequest as one worker call sends it."""
+
+    request: GenerationRequest
+    request_id: str                      # the worker's: unique per attempt, so an Abort names one call
+    n: int                               # choices asked of the worker
+    stop_token_ids: tuple[int, ...]      # end-of-turn tokens (none when the request ignores EOS)
+    banned_token_ids: tuple[int, ...]    # never to be sampled (raw control characters under a JSON schema)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenLogprobs:
     logprob: float
@@ -81,16 +95,15 @@ class WorkerClient(abc.ABC):
         self.channel = channel
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest, worker_request_id: str, n: int,
-                 eos_ids: Iterable[int]) -> grpc.aio.UnaryStreamCall:
-        """Starts a streaming Generate of `n` choices; `eos_ids` are stop tokens unless the request ignores EOS."""
+    def generate(self, request: WorkerRequest) -> grpc.aio.UnaryStreamCall:
+        """Starts a streaming Generate."""
 
     @abc.abstractmethod
     def reader(self, logprobs: bool) -> StreamReader:
         """A reader for one call's responses; `logprobs`: whether the request asked for them."""
 
     @abc.abstractmethod
-    async def abort(self, worker_request_id: str, timeout: float) -> None: ...
+    async def abort(self, request_id: str, timeout: float) -> None: ...
 
     @abc.abstractmethod
     async def health(self, timeout: float) -> tuple[bool, str]:

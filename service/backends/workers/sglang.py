@@ -12,31 +12,35 @@ per `index`, and a `complete` that repeats the last chunk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
-from service.backends.base import GenerationRequest
 from service.backends.grammar import schema_text
 from service.backends.workers.address import WorkerAddress
-from service.backends.workers.protocol import Load, ModelInfo, StreamReader, WorkerClient, scheduler_load
+from service.backends.workers.protocol import (
+    BAN_BIAS,
+    Load,
+    ModelInfo,
+    StreamReader,
+    WorkerClient,
+    WorkerRequest,
+    scheduler_load,
+)
 from service.backends.workers.vllm import DeltaReader
 
 
-def generate_request(request: GenerationRequest, worker_request_id: str, n: int,
-                     eos_ids: Iterable[int]) -> pb.GenerateRequest:
-    s = request.sampling
+def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
+    request, s = w.request, w.request.sampling
     params = pb.SamplingParams(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_tokens, stop=list(s.stop),
-        ignore_eos=s.ignore_eos, n=n, no_stop_trim=True,
+        ignore_eos=s.ignore_eos, n=w.n, no_stop_trim=True, stop_token_ids=w.stop_token_ids,
+        logit_bias={str(t): BAN_BIAS for t in w.banned_token_ids},   # keys are token ids written as text
     )
-    if not s.ignore_eos:
-        params.stop_token_ids.extend(sorted(eos_ids))
     if request.guided is not None:
         schema = schema_text(request.guided)
         if schema is not None:
@@ -44,7 +48,7 @@ def generate_request(request: GenerationRequest, worker_request_id: str, n: int,
         elif request.guided.ebnf is not None:
             params.ebnf_grammar = request.guided.ebnf
     return pb.GenerateRequest(
-        request_id=worker_request_id, tokenized=pb.TokenizedInput(input_ids=request.prompt_token_ids),
+        request_id=w.request_id, tokenized=pb.TokenizedInput(input_ids=request.prompt_token_ids),
         sampling_params=params, stream=True, logprob_start_len=-1,
         return_logprob=s.logprobs, top_logprobs_num=s.top_logprobs if s.logprobs else 0,
     )
@@ -59,15 +63,14 @@ class SglangClient(WorkerClient):
         super().__init__(address, channel)
         self.stub = pb_grpc.SglangSchedulerStub(channel)
 
-    def generate(self, request: GenerationRequest, worker_request_id: str, n: int,
-                 eos_ids: Iterable[int]) -> grpc.aio.UnaryStreamCall:
-        return self.stub.Generate(generate_request(request, worker_request_id, n, eos_ids))
+    def generate(self, request: WorkerRequest) -> grpc.aio.UnaryStreamCall:
+        return self.stub.Generate(generate_request(request))
 
     def reader(self, logprobs: bool) -> StreamReader:
         return DeltaReader(logprobs)
 
-    async def abort(self, worker_request_id: str, timeout: float) -> None:
-        await self.stub.Abort(pb.AbortRequest(request_id=worker_request_id, reason="cancelled by llmserve"),
+    async def abort(self, request_id: str, timeout: float) -> None:
+        await self.stub.Abort(pb.AbortRequest(request_id=request_id, reason="cancelled by llmserve"),
                               timeout=timeout)
 
     async def health(self, timeout: float) -> tuple[bool, str]:

@@ -16,26 +16,30 @@ not implemented (a trtllm model needs a model folder with its tokenizer).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from typing import Any
 
 import grpc
 from smg_grpc_proto import trtllm_service_pb2 as pb
 from smg_grpc_proto import trtllm_service_pb2_grpc as pb_grpc
 
-from service.backends.base import GenerationRequest
 from service.backends.grammar import schema_text
 from service.backends.workers.address import WorkerAddress
-from service.backends.workers.protocol import ModelInfo, Output, StreamReader, TokenLogprobs, WorkerClient
+from service.backends.workers.protocol import (
+    ModelInfo,
+    Output,
+    StreamReader,
+    TokenLogprobs,
+    WorkerClient,
+    WorkerRequest,
+)
 
 _GUIDE = pb.GuidedDecodingParams
 
 
-def generate_request(request: GenerationRequest, worker_request_id: str, n: int,
-                     eos_ids: Iterable[int]) -> pb.GenerateRequest:
-    s = request.sampling
+def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
+    request, s = w.request, w.request.sampling
     sampling = pb.SamplingConfig(
-        beam_width=1, num_return_sequences=n, repetition_penalty=s.repetition_penalty,
+        beam_width=1, num_return_sequences=w.n, repetition_penalty=s.repetition_penalty,
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
         seed=s.seed if s.seed is not None else random.getrandbits(63),
     )
@@ -46,14 +50,12 @@ def generate_request(request: GenerationRequest, worker_request_id: str, n: int,
         if s.min_p > 0:
             sampling.min_p = s.min_p
     out = pb.GenerateRequest(
-        request_id=worker_request_id, tokenized=pb.TokenizedInput(input_token_ids=request.prompt_token_ids),
+        request_id=w.request_id, tokenized=pb.TokenizedInput(input_token_ids=request.prompt_token_ids),
         sampling_config=sampling, max_tokens=s.max_tokens, streaming=True, stop=list(s.stop),
-        ignore_eos=s.ignore_eos,
+        ignore_eos=s.ignore_eos, stop_token_ids=w.stop_token_ids, bad_token_ids=w.banned_token_ids,
         # Stop strings are also matched here, on the text; trimmed by the runtime, their tokens would be lost.
         include_stop_token_in_output=True,
     )
-    if not s.ignore_eos:
-        out.stop_token_ids.extend(sorted(eos_ids))
     if s.logprobs:
         out.output_config.logprobs = max(1, s.top_logprobs)
     if request.guided is not None:
@@ -99,15 +101,14 @@ class TrtllmClient(WorkerClient):
         super().__init__(address, channel)
         self.stub = pb_grpc.TrtllmServiceStub(channel)
 
-    def generate(self, request: GenerationRequest, worker_request_id: str, n: int,
-                 eos_ids: Iterable[int]) -> grpc.aio.UnaryStreamCall:
-        return self.stub.Generate(generate_request(request, worker_request_id, n, eos_ids))
+    def generate(self, request: WorkerRequest) -> grpc.aio.UnaryStreamCall:
+        return self.stub.Generate(generate_request(request))
 
     def reader(self, logprobs: bool) -> StreamReader:
         return CumulativeReader(logprobs)
 
-    async def abort(self, worker_request_id: str, timeout: float) -> None:
-        await self.stub.Abort(pb.AbortRequest(request_id=worker_request_id), timeout=timeout)
+    async def abort(self, request_id: str, timeout: float) -> None:
+        await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
 
     async def health(self, timeout: float) -> tuple[bool, str]:
         status = (await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=timeout)).status

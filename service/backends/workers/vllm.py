@@ -13,23 +13,23 @@ followed by the best ones, so k + 1 are asked when sampling
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import grpc
 from smg_grpc_proto import vllm_engine_pb2 as pb
 from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 
-from service.backends.base import GenerationRequest
 from service.backends.grammar import schema_text
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.protocol import (
+    BAN_BIAS,
     Load,
     ModelInfo,
     Output,
     StreamReader,
     TokenLogprobs,
     WorkerClient,
+    WorkerRequest,
     scheduler_load,
     top_logprobs_wanted,
 )
@@ -43,17 +43,15 @@ def worker_seed(seed: int) -> int:
     return seed if seed <= INT32_MAX else (seed ^ (seed >> 31)) & INT32_MAX
 
 
-def generate_request(request: GenerationRequest, worker_request_id: str, n: int,
-                     eos_ids: Iterable[int]) -> pb.GenerateRequest:
-    s = request.sampling
+def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
+    request, s = w.request, w.request.sampling
     params = pb.SamplingParams(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
         repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, stop=list(s.stop),
-        ignore_eos=s.ignore_eos, n=n,
+        ignore_eos=s.ignore_eos, n=w.n, stop_token_ids=w.stop_token_ids,
+        logit_bias={t: BAN_BIAS for t in w.banned_token_ids},
     )
-    if not s.ignore_eos:
-        params.stop_token_ids.extend(sorted(eos_ids))
     if s.seed is not None:
         params.seed = worker_seed(s.seed)
     if s.logprobs:
@@ -64,7 +62,7 @@ def generate_request(request: GenerationRequest, worker_request_id: str, n: int,
             params.json_schema = schema
         elif request.guided.ebnf is not None:
             params.grammar = request.guided.ebnf
-    return pb.GenerateRequest(request_id=worker_request_id, stream=True, sampling_params=params,
+    return pb.GenerateRequest(request_id=w.request_id, stream=True, sampling_params=params,
                               tokenized=pb.TokenizedInput(input_ids=request.prompt_token_ids))
 
 
@@ -104,15 +102,14 @@ class VllmClient(WorkerClient):
         super().__init__(address, channel)
         self.stub = pb_grpc.VllmEngineStub(channel)
 
-    def generate(self, request: GenerationRequest, worker_request_id: str, n: int,
-                 eos_ids: Iterable[int]) -> grpc.aio.UnaryStreamCall:
-        return self.stub.Generate(generate_request(request, worker_request_id, n, eos_ids))
+    def generate(self, request: WorkerRequest) -> grpc.aio.UnaryStreamCall:
+        return self.stub.Generate(generate_request(request))
 
     def reader(self, logprobs: bool) -> StreamReader:
         return DeltaReader(logprobs)
 
-    async def abort(self, worker_request_id: str, timeout: float) -> None:
-        await self.stub.Abort(pb.AbortRequest(request_ids=[worker_request_id]), timeout=timeout)
+    async def abort(self, request_id: str, timeout: float) -> None:
+        await self.stub.Abort(pb.AbortRequest(request_ids=[request_id]), timeout=timeout)
 
     async def health(self, timeout: float) -> tuple[bool, str]:
         reply = await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=timeout)
