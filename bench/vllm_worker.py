@@ -102,6 +102,13 @@ class VllmWorker:
         self.stop()
         raise TimeoutError(f"the vLLM worker was not healthy after {timeout:.0f} s; see {self.log}")
 
+    async def requests(self) -> int:
+        """Requests the worker itself says it holds (GetLoads: running and waiting), each with its KV."""
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            loads = await vllm_engine_pb2_grpc.VllmEngineStub(channel).GetLoads(vllm_engine_pb2.GetLoadsRequest(),
+                                                                               timeout=5)
+        return sum(x.num_running_reqs + x.num_waiting_reqs for x in loads.loads)
+
     def kill(self) -> None:
         """SIGKILL to its process group: a crash, as far as its clients can tell."""
         if self.proc is not None and self.proc.poll() is None:

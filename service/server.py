@@ -100,7 +100,7 @@ class LlmServer:
         for service, ok in statuses.items():
             if self._published.get(service) is ok:
                 continue
-            if service in models and service in self._published:
+            if alive and service in models and service in self._published:
                 (log.info if ok else log.warning)("model serving" if ok else "model not serving",
                                                   extra={"model": service})
             await self.health.set(service, _STATUS[ok])

@@ -11,7 +11,6 @@ import httpx
 import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from bench.vllm_worker import VllmWorker
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
@@ -35,19 +34,11 @@ def texts(chunks: list[chat_pb2.ChatCompletionChunk], n: int = 1) -> list[str]:
     return out
 
 
-async def worker_running(worker: VllmWorker) -> int:
-    """Requests the worker itself says it is running (GetLoads): its KV is held for each."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-        loads = await vllm_engine_pb2_grpc.VllmEngineStub(channel).GetLoads(vllm_engine_pb2.GetLoadsRequest(),
-                                                                           timeout=5)
-    return sum(x.num_running_reqs + x.num_waiting_reqs for x in loads.loads)
-
-
 async def wait_idle(worker: VllmWorker, timeout: float = 10.0) -> bool:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
-        if await worker_running(worker) == 0:
+        if await worker.requests() == 0:
             return True
         await asyncio.sleep(0.05)
     return False
@@ -177,7 +168,7 @@ async def test_cancel_mid_stream_frees_the_workers_kv(gateway: object, gateway_s
         seen += 1
         if seen == 3:
             break
-    assert await worker_running(vllm_worker) == 1
+    assert await vllm_worker.requests() == 1
     call.cancel()
     assert await wait_idle(vllm_worker, timeout=2.0), "the worker still runs the cancelled request"
     engine = gateway.registry.get("demo").engine  # type: ignore[attr-defined]
