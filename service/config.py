@@ -50,7 +50,7 @@ class EngineConfig:
 
 @dataclass
 class TrtllmConfig:
-    """In-flight batching settings handed to TensorRT-LLM's LLM API."""
+    """The TensorRT-LLM worker `llmserve trtllm-worker` runs: settings handed to TensorRT-LLM's LLM API."""
 
     trt_max_batch_size: int = opt(64, "TensorRT-LLM max batch size")
     trt_max_num_tokens: int = opt(8192, "TensorRT-LLM max tokens per step")
@@ -100,7 +100,6 @@ class ServerConfig:
 @dataclass
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
-    trtllm: TrtllmConfig = field(default_factory=TrtllmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
@@ -172,7 +171,8 @@ def add_section(parser: argparse.ArgumentParser, section: type[Any]) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    for section in (ServerConfig, WorkersConfig, EngineConfig, TrtllmConfig):
+    """The settings of `llmserve serve` (and `rest`); the TensorRT-LLM worker's are `llmserve trtllm-worker`'s."""
+    for section in (ServerConfig, WorkersConfig, EngineConfig):
         add_section(parser, section)
 
 
@@ -189,7 +189,6 @@ def section_from_args(section: type[_Section], args: argparse.Namespace) -> _Sec
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         engine=section_from_args(EngineConfig, args),
-        trtllm=section_from_args(TrtllmConfig, args),
         server=section_from_args(ServerConfig, args),
         workers=section_from_args(WorkersConfig, args),
     )

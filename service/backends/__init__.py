@@ -1,5 +1,5 @@
-"""Engine backends. Imports are deferred so a server imports only the engines its models use (TensorRT-LLM's
-code is never imported without a tensorrt-llm model, nor the workers' protocols without a worker)."""
+"""Engine backends: the PyTorch reference engine in this process, or a model's gRPC workers (TensorRT-LLM, vLLM,
+SGLang). Imports are deferred so a server imports only the engines its models use."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def create_engine(name: str, manifest: ModelManifest | None, workers: list[Worke
         from service.backends.reference import ReferenceEngine
 
         return ReferenceEngine(manifest, config.engine)
-    if manifest.backend == "workers":
-        raise ValueError(f"model {name!r}: backend \"workers\" and no workers; list them in {manifest.root}/"
-                         f"manifest.json (\"workers\") or give --worker {name}=KIND://HOST:PORT")
-    from service.backends.trtllm import TrtllmEngine
-
-    return TrtllmEngine(manifest, config.engine, config.trtllm)
+    if manifest.backend == "tensorrt-llm":
+        raise ValueError(f"model {name!r} holds TensorRT-LLM profiles, which a TensorRT-LLM worker serves: run "
+                         f"`llmserve trtllm-worker {name}` on its GPUs and give --worker {name}=trtllm://HOST:PORT "
+                         f"(or list it in {manifest.root}/manifest.json's \"workers\")")
+    raise ValueError(f"model {name!r}: backend \"workers\" and no workers; list them in {manifest.root}/"
+                     f"manifest.json (\"workers\") or give --worker {name}=KIND://HOST:PORT")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -199,3 +200,18 @@ async def test_a_trtllm_model_needs_a_folder_for_its_tokenizer(tmp_path: Path, t
             await server.start()
     finally:
         await server.shutdown()
+
+
+async def test_healthcheck_command_probes_a_worker(trt_worker: FakeTrtllmWorker) -> None:
+    """What a Kubernetes exec probe of a TensorRT-LLM worker runs (it serves no grpc.health.v1)."""
+    async def probe() -> tuple[str, int]:
+        done = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", "healthcheck", "--worker",
+                                                    trt_worker.address, stdout=asyncio.subprocess.PIPE)
+        return (await done.communicate())[0].decode().strip(), done.returncode  # type: ignore[return-value]
+
+    assert await probe() == ("SERVING", 0)
+    trt_worker.status = "LLM not initialized"
+    try:
+        assert await probe() == ("NOT_SERVING: LLM not initialized", 1)
+    finally:
+        trt_worker.status = "OK"
