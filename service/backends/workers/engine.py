@@ -62,6 +62,14 @@ log = logging.getLogger("llmserve.workers")
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 32 * 1024 * 1024)]
 
 
+@dataclasses.dataclass
+class _Live:
+    """A request in progress: its current worker call, and whether it was aborted (a retry's new call too)."""
+
+    call: WorkerCall | None = None
+    cancelled: bool = False
+
+
 def _finish(reason: str | None) -> FinishReason | None:
     if reason is None:
         return None
@@ -90,7 +98,7 @@ class WorkerEngine(Engine):
         self._table: list[bytes] = []
         self._eos: set[int] = set()
         self._json_banned: tuple[int, ...] = ()
-        self._cancels: dict[str, asyncio.Event] = {}
+        self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._prober: Prober | None = None
         self._probing: asyncio.Task[None] | None = None
@@ -156,13 +164,13 @@ class WorkerEngine(Engine):
             raise Unavailable(f"model {self.name!r} is not being served")
         replicate = request.n > 1 and request.sampling.temperature == 0
         choices = Choices(request, self._table, self._eos)
-        if request.request_id in self._cancels:
+        if request.request_id in self._live:
             request.request_id = f"{request.request_id}-{id(request):x}"
-        cancelled = self._cancels[request.request_id] = asyncio.Event()
+        live = self._live[request.request_id] = _Live()
         submitted = time.monotonic()
         call: WorkerCall | None = None
         try:
-            call, outputs = await self._start(request, 1 if replicate else request.n, cancelled)
+            call, outputs = await self._start(request, 1 if replicate else request.n, live)
             choices.queue_time = time.monotonic() - submitted
             while True:
                 if outputs is DEADLINE or outputs is CANCELLED:
@@ -187,12 +195,11 @@ class WorkerEngine(Engine):
                         yield event
                     return
         finally:
-            del self._cancels[request.request_id]
+            del self._live[request.request_id]
             if call is not None:
                 call.close()
 
-    async def _start(self, request: GenerationRequest, n: int,
-                     cancelled: asyncio.Event) -> tuple[WorkerCall, Any]:
+    async def _start(self, request: GenerationRequest, n: int, live: _Live) -> tuple[WorkerCall, Any]:
         """A call that answered (or hit the deadline or a cancel), on the first worker that takes the request;
         one that fails before its first answer is tried on the next worker."""
         assert self._router is not None
@@ -205,8 +212,10 @@ class WorkerEngine(Engine):
         busy = False
         while (worker := self._router.pick(hashes, tried)) is not None:
             tried.append(worker)
-            call = WorkerCall(worker, request, n, stop, banned, cancelled, self._spawn,
-                              self._config.worker_probe_timeout)
+            call = live.call = WorkerCall(worker, request, n, stop, banned, self._spawn,
+                                          self._config.worker_probe_timeout)
+            if live.cancelled:
+                call.cancel()
             try:
                 return call, await call.next()
             except grpc.aio.AioRpcError as e:
@@ -255,9 +264,11 @@ class WorkerEngine(Engine):
         task.add_done_callback(self._background.discard)
 
     async def abort(self, request_id: str) -> None:
-        cancelled = self._cancels.get(request_id)
-        if cancelled is not None:
-            cancelled.set()
+        live = self._live.get(request_id)
+        if live is not None:
+            live.cancelled = True
+            if live.call is not None:
+                live.call.cancel()
 
     # -- state ----------------------------------------------------------------------------------------------------
 
@@ -288,8 +299,8 @@ class WorkerEngine(Engine):
         self._stopped = True
         if self._probing is not None:
             self._probing.cancel()
-        for cancelled in self._cancels.values():
-            cancelled.set()
+        for request_id in list(self._live):
+            await self.abort(request_id)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*(w.client.channel.close() for w in self._workers), return_exceptions=True)
