@@ -1,11 +1,12 @@
 """The engine interface: everything the serving layer knows of a backend.
 
-Both the PyTorch reference engine and the TensorRT-LLM backend implement
-`Engine`. A request goes in as prompt token ids plus sampling parameters and
-comes back as an async stream of events, one stream per request carrying all
-of its n choices. Engines own detokenization and stop strings, because
-TensorRT-LLM does both inside its runtime and the reference engine must match
-it; the serving layer only maps events to RPC chunks.
+The PyTorch reference engine and a model's gRPC workers (service/backends/workers/:
+TensorRT-LLM, vLLM, SGLang) implement `Engine`. A request goes in as prompt token
+ids plus sampling parameters and comes back as an async stream of events, one
+stream per request carrying all of its n choices. Engines own detokenization and
+stop strings, with the one byte-exact detokenizer (choices.py for engines that
+return token ids), so every engine streams the same text for the same tokens; the
+serving layer only maps events to RPC chunks.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A request's choices for engines that stream token ids: new ids in, the interface's events out.
 
-TensorRT-LLM and the gRPC workers return token ids only (llmserve asks them
-not to detokenize), so text is made here, with the same byte-exact incremental
+The gRPC workers (TensorRT-LLM, vLLM, SGLang) return token ids only, so text
+is made here, with the same byte-exact incremental
 detokenizer and stop-string hold-back as the reference engine: every engine
 streams the same text for the same tokens. An end-of-turn token ends its
 choice without text, as in the reference engine.
@@ -37,7 +37,7 @@ class Choices:
     def logprob(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         """A token's logprob entry, its text and bytes (and its top alternatives') from the vocabulary. The
         alternatives are the top_logprobs most likely of those given, whatever their order: vLLM's and
-        TensorRT-LLM's lists start with the sampled token, which need not be one of the best."""
+        TensorRT-LLM's lists hold the sampled token, which need not be one of the best."""
         def text(t: int) -> str:
             return self._table[t].decode("utf-8", errors="replace")
         best = sorted(top, key=lambda alt: -alt[1])[:self._request.sampling.top_logprobs]

@@ -1,8 +1,8 @@
 """Compiled grammars for constrained decoding: one xgrammar semantics for every engine.
 
-TensorRT-LLM guides decoding with xgrammar, so the reference engine does too,
-and both take the same `GuidedDecoding`: a JSON schema's text (TensorRT-LLM's
-`GuidedDecodingParams(json=...)`) or an EBNF grammar (`grammar=...`). Schemas
+The gRPC workers (TensorRT-LLM, vLLM, SGLang) guide decoding with xgrammar, so
+the reference engine does too, and all take the same `GuidedDecoding`: a JSON
+schema's text (each worker protocol's JSON-schema constraint) or an EBNF grammar. Schemas
 were checked by the serving layer (service/chat/schemas.py) before any engine
 sees them; what is left here is compiling them against a tokenizer.
 
