@@ -55,8 +55,8 @@ async def running_server(config: Config) -> AsyncIterator[object]:
     from service.server import LlmServer
 
     server = LlmServer(config)
-    await server.start()
     try:
+        await server.start()   # a start that fails still shuts down what it started (ports, probes)
         yield server
     finally:
         await server.shutdown()

@@ -125,8 +125,9 @@ class FakeTrtllmWorker(FakeWorkerBase, trt_grpc.TrtllmServiceServicer):
 
         def logprob(t: int) -> trt.TokenLogprob:
             tops = [trt.TopLogprob(token_id=a, logprob=lp) for a, lp in self.alternatives(t, k, self.vocab_size)]
-            return trt.TokenLogprob(token_id=t, logprob=-3.0, top_logprobs=[*tops, trt.TopLogprob(token_id=t,
-                                                                                                 logprob=-3.0)])
+            # The runtime's dict: the sampled token first, then the best ones.
+            return trt.TokenLogprob(token_id=t, logprob=-3.0, top_logprobs=[trt.TopLogprob(token_id=t, logprob=-3.0),
+                                                                            *tops])
         try:
             for step in range(max(map(len, outs))):
                 if aborted.is_set():
