@@ -46,6 +46,7 @@ class RequestTimer:
         self._start = time.monotonic()
         self._last: float | None = None
         self._choices_open: int | None = None
+        self._itl = ITL.labels(model)   # observed per token: looked up once
         PROMPT_TOKENS.labels(model).inc(prompt_tokens)
 
     def on_event(self, event: Event) -> None:
@@ -54,7 +55,7 @@ class RequestTimer:
             if self._last is None:
                 TTFT.labels(self._model).observe(now - self._start)
             else:
-                ITL.labels(self._model).observe(now - self._last)
+                self._itl.observe(now - self._last)
             self._last = now
         elif isinstance(event, Finished):
             GENERATION_TOKENS.labels(self._model).inc(event.completion_tokens)
