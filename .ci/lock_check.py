@@ -1,4 +1,5 @@
-"""Fails, naming the package, when pyproject.toml and requirements.lock disagree.
+"""Fails, naming the package, when pyproject.toml and requirements.lock disagree (or requirements-models.in and
+requirements-models.lock do).
 
 `make install` installs exactly what the lock pins, so a dependency added to
 pyproject.toml, or a lower bound raised there, means nothing until `make lock`
@@ -56,13 +57,37 @@ def problems(pyproject: Path, lock: Path) -> list[str]:
     return out
 
 
+def model_problems(wanted_file: Path, lock: Path) -> list[str]:
+    """The model packages are pinned exactly in the .in file; the lock must hold those pins, nothing else."""
+    wanted = {}
+    for line in wanted_file.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            wanted[canonicalize_name(req.name)] = req
+    pins, _ = _lock(lock)
+    out = []
+    for name, req in wanted.items():
+        if name not in pins:
+            out.append(f"{req.name} is asked for by {wanted_file.name} but not pinned in {lock.name}")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            out.append(f"{req.name}: {lock.name} pins {pins[name]}, outside {wanted_file.name}'s {req.specifier}")
+    out += [f"{name} is pinned in {lock.name}, which {wanted_file.name} no longer asks for"
+            for name in sorted(pins.keys() - wanted.keys())]
+    return out
+
+
 def main() -> int:
-    found = problems(ROOT / "pyproject.toml", ROOT / "requirements.lock")
-    if found:
-        print("pyproject.toml and requirements.lock disagree:", *(f"  - {p}" for p in found),
-              "Run `make lock` and commit requirements.lock.", sep="\n", file=sys.stderr)
-        return 1
-    return 0
+    checks = [(problems(ROOT / "pyproject.toml", ROOT / "requirements.lock"), "pyproject.toml", "requirements.lock"),
+              (model_problems(ROOT / "requirements-models.in", ROOT / "requirements-models.lock"),
+               "requirements-models.in", "requirements-models.lock")]
+    failed = False
+    for found, wanted, lock in checks:
+        if found:
+            print(f"{wanted} and {lock} disagree:", *(f"  - {p}" for p in found),
+                  f"Run `make lock` and commit {lock}.", sep="\n", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The reference engine against the model's own speed limit.
 
-  python -m bench.engine_bench [--batches 1 8 32] [--seconds 4]
+  python -m bench.engine_bench [--model demo] [--batches 1 8 32] [--seconds 4]
 
 1. The ceiling: the model's batched decode step with its KV cache and nothing
    else (no scheduler, sampling or detokenization), tokens/s at each batch size.
@@ -26,17 +26,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "engines" / "demo"
+ENGINES = ROOT / "engines"
 
 
-def measure_ceiling(batch: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
+def measure_ceiling(model_dir: Path, batch: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
     """Decode steps over a context growing as in a generation: the model's own decode path (paged cache
     writes, attention over dense rows, as the engine runs it) with nothing around it."""
     import torch
 
     from service.backends.reference.model import AttentionBatch, load_model
 
-    model = load_model(DEMO / "checkpoint", torch.float32, torch.device("cpu"))
+    model = load_model(model_dir / "checkpoint", torch.float32, torch.device("cpu"))
     c = model.config
     block = 16
     span = -(-(prompt_tokens + new_tokens) // block) * block
@@ -65,14 +65,14 @@ def measure_ceiling(batch: int, prompt_tokens: int, new_tokens: int, seconds: fl
     return {"batch": batch, "step_ms": elapsed / steps * 1000, "tokens_per_s": batch * steps / elapsed}
 
 
-def measure_engine(concurrency: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
+def measure_engine(model_dir: Path, concurrency: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
     from service.backends.base import GenerationRequest, SamplingParams, TokenDelta
     from service.backends.reference import ReferenceEngine
     from service.config import EngineConfig
     from service.repository.manifest import load_manifest
 
     async def run() -> dict:
-        engine = ReferenceEngine(load_manifest(DEMO), EngineConfig(max_running=max(32, concurrency)))
+        engine = ReferenceEngine(load_manifest(model_dir), EngineConfig(max_running=max(32, concurrency)))
         await engine.start()
         prompt = list(range(100, 100 + prompt_tokens))
         counter = iter(range(10**9))
@@ -105,8 +105,9 @@ def measure_engine(concurrency: int, prompt_tokens: int, new_tokens: int, second
 
 
 def _child(kind: str, n: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "bench.engine_bench", "--child", kind, str(n), "--prompt-tokens",
-           str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--seconds", str(args.seconds)]
+    cmd = [sys.executable, "-m", "bench.engine_bench", "--child", kind, str(n), "--model", args.model,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--seconds", str(args.seconds)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -128,7 +129,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(list(x), labels)
     ax.set_xlabel("batch size / concurrent requests")
     ax.set_ylabel("output tokens/s")
-    ax.set_title("demo model, 32-token prompts, 64 new tokens (CPU)")
+    ax.set_title(f"{result['model']}, {result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens (CPU)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -136,6 +137,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="a model of engines/ served by the reference engine")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -146,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         kind, n = args.child[0], int(args.child[1])
         measure = measure_ceiling if kind == "ceiling" else measure_engine
-        print(json.dumps(measure(n, args.prompt_tokens, args.new_tokens, args.seconds)))
+        print(json.dumps(measure(ENGINES / args.model, n, args.prompt_tokens, args.new_tokens, args.seconds)))
         return 0
-    if not (DEMO / "manifest.json").is_file():
-        raise SystemExit("no demo model: run `python build_engine.py --demo` first")
+    if not (ENGINES / args.model / "manifest.json").is_file():
+        raise SystemExit(f"no model {args.model!r} in engines/: `make demo` or `make smollm2` builds one")
     rows = []
     for i, batch in enumerate(args.batches, 1):
         print(f"[{i}/{len(args.batches)}] batch {batch}: ceiling...", end=" ", flush=True)
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     out = args.out or ROOT / "bench" / "results" / f"engine-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "engine", "date": stamp, "machine": platform.machine(), "python": platform.python_version(),
+    result = {"benchmark": "engine", "model": args.model, "date": stamp, "machine": platform.machine(),
+              "python": platform.python_version(),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "seconds": args.seconds,
               "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -43,7 +43,7 @@ def measure_gateway(workload: Workload, levels: list[Level]) -> list[dict[str, A
     server = None
     try:
         worker.wait_ready()
-        server = LlmserveServer(LOGS / "llmserve.log", 1, "--worker", f"demo={worker.address}")
+        server = LlmserveServer("demo", LOGS / "llmserve.log", 1, "--worker", f"demo={worker.address}")
         server.wait_serving()
         return asyncio.run(run_target(Target(GATEWAY, "grpc", f"127.0.0.1:{server.grpc_port}"), workload, levels))
     finally:

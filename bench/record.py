@@ -1,19 +1,24 @@
-"""`make bench`: the performance record, in one run on the demo model.
+"""`make bench`: the performance record, one model of engines/ at a time.
 
-  python -m bench.record [--concurrency 1,8,32] [--no-peers]
+  python -m bench.record [--model demo] [--concurrency 1,8,32] [--peers vllm,transformers]
 
-Side by side at each concurrency, with the same prompts, seeds and client:
+`make bench` records the demo model (1, 8, 32 streams; vLLM and transformers
+serve), then SmolLM2-135M-Instruct (1, 8, 16 streams; vLLM), a real model
+whose cost is in its arithmetic. Side by side at each concurrency, with the
+same prompts, seeds and client:
 1. the model's raw batched forward-step ceiling (bench.engine_bench's ceiling), at
    the context the served requests carry: the prompt as the chat template
-   renders it (the demo's Llama 3.1 template adds a system header), not the
-   user text alone;
-2. llmserve over gRPC and over its REST shim;
-3. vLLM's CPU build and 4. transformers serve --continuous-batching, each
-   installed in its own venv under bench/.peers/ (bench.peers).
-Only one server runs at a time, so none takes CPU from another's measurement,
-and the load comes from this process, never from the server's. Writes
-bench/results/<date>.json and .png, docs/performance.png, and the table
-between the record markers of docs/performance.md.
+   renders it (templates add system headers), not the user text alone;
+2. llmserve over gRPC and over its REST shim, serving this model alone;
+3. vLLM's CPU build and 4. transformers serve --continuous-batching on the same
+   checkpoint, each installed in its own venv under bench/.peers/ (bench.peers).
+Once per run, before any server starts, the machine's memory bandwidth is
+measured and the weight-read floor at one stream reported beside the measured
+time per token (bench.floor). Only one server runs at a time, so none takes
+CPU from another's measurement, and the load comes from this process, never
+from the server's. Writes bench/results/<date>[-<model>].json and .png,
+docs/performance[-<model>].png, and the model's table between its record
+markers of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.floor import copy_bandwidth, floor_note, weight_bytes
 from bench.peers import PEERS, PEERS_DIR, PeerServer, install
 from bench.report import update_doc
 from service.healthcheck import wait_serving
@@ -40,7 +46,6 @@ from service.loadgen.workload import load_tokenizer, synthetic_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
-CHECKPOINT = ENGINES / "demo" / "checkpoint"
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
 
@@ -52,12 +57,16 @@ def free_port() -> int:
 
 
 class LlmserveServer:
-    """`python -m service serve` on loopback ports, in its own process group, stopped by PID."""
+    """`python -m service serve` of one model on loopback ports, in its own process group, stopped by PID."""
 
-    def __init__(self, log: Path, threads: int, *args: str) -> None:
+    def __init__(self, model: str, log: Path, threads: int, *args: str) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         self._log = log.open("w")
-        cmd = [sys.executable, "-m", "service", "serve", "--engines-dir", str(ENGINES), "--host", "127.0.0.1",
+        engines = PEERS_DIR / "engines" / model  # a repository holding this model alone
+        engines.mkdir(parents=True, exist_ok=True)
+        (engines / model).unlink(missing_ok=True)
+        (engines / model).symlink_to(ENGINES / model, target_is_directory=True)
+        cmd = [sys.executable, "-m", "service", "serve", "--engines-dir", str(engines), "--host", "127.0.0.1",
                "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--log-level", "warning",
                "--threads", str(threads), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
@@ -82,25 +91,25 @@ def _shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
-def templated_length(conversations: list[list[dict[str, str]]]) -> int:
-    """Mean prompt length in tokens once the demo's chat template has rendered the conversations."""
+def templated_length(model: str, conversations: list[list[dict[str, str]]]) -> int:
+    """Mean prompt length in tokens once the model's chat template has rendered the conversations."""
     from transformers import AutoTokenizer
 
     from service.models.template import ChatTemplate
     from service.repository.manifest import load_manifest
 
-    manifest = load_manifest(ENGINES / "demo")
+    manifest = load_manifest(ENGINES / model)
     template = ChatTemplate(AutoTokenizer.from_pretrained(manifest.checkpoint), manifest.chat_template)
     return round(sum(len(template.encode(c, None, True)) for c in conversations) / len(conversations))
 
 
-def ceiling_runs(levels: list[int], input_len: int, output_len: int, seconds: float,
+def ceiling_runs(model: str, levels: list[int], input_len: int, output_len: int, seconds: float,
                  threads: int) -> list[dict[str, Any]]:
     """The forward-step ceiling at each batch size, each in a fresh process as bench.engine_bench measures it."""
     runs = []
     for batch in levels:
-        cmd = [sys.executable, "-m", "bench.engine_bench", "--child", "ceiling", str(batch), "--prompt-tokens",
-               str(input_len), "--new-tokens", str(output_len), "--seconds", str(seconds)]
+        cmd = [sys.executable, "-m", "bench.engine_bench", "--child", "ceiling", str(batch), "--model", model,
+               "--prompt-tokens", str(input_len), "--new-tokens", str(output_len), "--seconds", str(seconds)]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -120,6 +129,7 @@ def measure(targets: list[Target], workload: Workload, levels: list[Level]) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="the model of engines/ to record (make demo, make smollm2)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
@@ -134,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: bench/results/<date>.json")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose record section is rewritten")
     args = parser.parse_args(argv)
-    if not (ENGINES / "demo" / "manifest.json").is_file():
-        raise SystemExit("no demo model: run `python build_engine.py --demo` first")
+    model = args.model
+    if not (ENGINES / model / "manifest.json").is_file():
+        raise SystemExit(f"no model {model!r} in engines/: `make demo` or `make smollm2` builds one")
+    checkpoint = (ENGINES / model / "checkpoint").resolve()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     peers = [PEERS[name] for name in args.peers.split(",") if name]
-    steps = ["ceiling", "llmserve", *(p.name for p in peers)]
+    steps = ["memory bandwidth", "ceiling", "llmserve", *(p.name for p in peers)]
     step = iter(range(1, len(steps) + 1))
 
     def announce(what: str) -> None:
@@ -148,48 +160,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"installing {peer.name} into {peer.venv.relative_to(ROOT)} (once)...", flush=True)
         install(peer)
     levels = [Level(max(32, args.requests_per_stream * c), concurrency=c) for c in concurrencies]
-    conversations = synthetic_conversations(load_tokenizer(CHECKPOINT), max(lv.num_requests for lv in levels),
+    conversations = synthetic_conversations(load_tokenizer(checkpoint), max(lv.num_requests for lv in levels),
                                             args.input_len, seed=0)
     workload = Workload(conversations, args.output_len, seed=0, duration=args.duration, warmup=8)
     RESULTS.mkdir(parents=True, exist_ok=True)
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
 
-    context = templated_length(conversations)
+    announce(f"memory bandwidth ({args.threads} thread(s), a 1 GiB copy)")
+    bandwidth, weights = copy_bandwidth(args.threads), weight_bytes(checkpoint)
+    print(f"  {bandwidth / 1e9:.1f} GB/s; {weights / 1e6:,.0f} MB of weights: a floor of "
+          f"{weights / bandwidth * 1000:.1f} ms a token at one stream", flush=True)
+
+    context = templated_length(model, conversations)
     announce(f"forward-step ceiling (at the templated prompt length, {context} tokens)")
-    runs = ceiling_runs(concurrencies, context, args.output_len, args.ceiling_seconds, args.threads)
+    runs = ceiling_runs(model, concurrencies, context, args.output_len, args.ceiling_seconds, args.threads)
 
     announce("llmserve (gRPC, then REST)")
-    server = LlmserveServer(PEERS_DIR / "llmserve.log", args.threads)
+    server = LlmserveServer(model, PEERS_DIR / "llmserve.log", args.threads)
     try:
         server.wait_serving()
-        runs += measure([Target("llmserve-grpc", "grpc", f"127.0.0.1:{server.grpc_port}"),
-                         Target("llmserve-rest", "openai", f"http://127.0.0.1:{server.http_port}/v1")],
+        runs += measure([Target("llmserve-grpc", "grpc", f"127.0.0.1:{server.grpc_port}", model),
+                         Target("llmserve-rest", "openai", f"http://127.0.0.1:{server.http_port}/v1", model)],
                         workload, levels)
     finally:
         server.stop()
 
     for peer in peers:
         announce(f"{peer.name} (starting; vLLM takes about a minute)")
-        peer_server = PeerServer(peer, CHECKPOINT, free_port(), {"OMP_NUM_THREADS": str(args.threads)})
+        peer_server = PeerServer(peer, checkpoint, model, free_port(), {"OMP_NUM_THREADS": str(args.threads)})
         try:
             peer_server.wait_ready()
             kind = "hf" if peer.name == "transformers" else "openai"
-            runs += measure([Target(peer.name, kind, peer_server.base_url)], workload, levels)
+            runs += measure([Target(peer.name, kind, peer_server.base_url, model)], workload, levels)
         finally:
             peer_server.stop()
 
     print_table([r for r in runs if r["target"] != "ceiling"])
-    date = datetime.date.today().isoformat()
-    out = args.out or RESULTS / f"{date}.json"
-    meta = metadata(workload, input_len=args.input_len, model="demo", checkpoint=str(CHECKPOINT.relative_to(ROOT)),
+    suffix = "" if model == "demo" else f"-{model}"
+    out = args.out or RESULTS / f"{datetime.date.today().isoformat()}{suffix}.json"
+    meta = metadata(workload, input_len=args.input_len, model=model, checkpoint=str(_shown(checkpoint)),
                     threads=args.threads, ceiling_prompt_tokens=context,
-                    peers={p.name: " ".join(p.requirements) for p in peers})
+                    peers={p.name: " ".join(p.requirements) for p in peers},
+                    copy_bandwidth_bytes_per_s=bandwidth, weight_bytes=weights,
+                    weight_read_floor_ms=weights / bandwidth * 1000)
     write_json(out, meta, runs)
-    title = f"demo model, {args.input_len}-token prompts, {args.output_len} output tokens, {os.cpu_count()} CPU cores"
+    title = f"{model}, {args.input_len}-token prompts, {args.output_len} output tokens, {os.cpu_count()} CPU cores"
+    picture = ROOT / "docs" / f"performance{suffix}.png"
     plot(runs, out.with_suffix(".png"), title)
-    plot(runs, ROOT / "docs" / "performance.png", title)
-    update_doc(args.doc, runs, _shown(out))
-    print(f"wrote {_shown(out)}, {_shown(out.with_suffix('.png'))}, docs/performance.png and the table in "
+    plot(runs, picture, title)
+    tpot = {r["target"]: r["tpot_ms"]["p50"] for r in runs if r["concurrency"] == 1 and "tpot_ms" in r}
+    update_doc(args.doc, runs, _shown(out), model, tuple(floor_note(weights, bandwidth, tpot)))
+    print(f"wrote {_shown(out)}, {_shown(out.with_suffix('.png'))}, {_shown(picture)} and the table in "
           f"{_shown(args.doc)}")
     return 0
 

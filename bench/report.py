@@ -1,7 +1,8 @@
 """The record's table in docs/performance.md: figures, ratios, and the goals met or missed.
 
-Only the text between the two markers is rewritten, so the hand-written parts
-of the page (the GPU picture, where the time goes) survive every record run.
+Only the text between a model's two markers is rewritten, so the hand-written
+parts of the page (the GPU picture, where the time goes) and the other models'
+records survive every record run.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-BEGIN, END = "<!-- record:begin -->", "<!-- record:end -->"
+BEGIN, END = "<!-- record:begin -->", "<!-- record:end -->"  # the demo model's record
 # (label, target, ratio wanted) with llmserve gRPC's output tokens/s as the numerator.
 THROUGHPUT_GOALS = (("gRPC / vLLM", "vllm", 1.2), ("gRPC / transformers serve", "transformers", 2.0),
                     ("gRPC / forward ceiling", "ceiling", 0.8))
@@ -83,21 +84,29 @@ def goals(runs: list[dict[str, Any]]) -> list[tuple[str, int, float, bool]]:
     return out
 
 
-def section(runs: list[dict[str, Any]], source: Path) -> str:
-    lines = [BEGIN, "", f"Raw figures: [`{source}`](../{source}); times in milliseconds.", "",
+def markers(model: str) -> tuple[str, str]:
+    return (BEGIN, END) if model == "demo" else (f"<!-- record:{model}:begin -->", f"<!-- record:{model}:end -->")
+
+
+def section(runs: list[dict[str, Any]], source: Path, model: str = "demo", notes: tuple[str, ...] = ()) -> str:
+    begin, end = markers(model)
+    lines = [begin, "", f"Raw figures: [`{source}`](../{source}); times in milliseconds.", "",
+             *(line for note in notes for line in (note, "")),
              *figures_table(runs), "", "Ratios (output tokens/s unless named):", "", *ratios_table(runs), "",
              "| goal | streams | measured | met |", "|---|---:|---:|---|"]
     lines += [f"| {g} | {c} | {v:.2f} | {'yes' if ok else '**no**'} |" for g, c, v, ok in goals(runs)]
-    return "\n".join([*lines, "", END])
+    return "\n".join([*lines, "", end])
 
 
-def update_doc(doc: Path, runs: list[dict[str, Any]], source: Path) -> None:
-    """Rewrites the record section, or appends one when the page has none yet."""
+def update_doc(doc: Path, runs: list[dict[str, Any]], source: Path, model: str = "demo",
+               notes: tuple[str, ...] = ()) -> None:
+    """Rewrites the model's record section, or appends one when the page has none yet."""
     text = doc.read_text() if doc.is_file() else "# Performance\n"
-    new = section(runs, source)
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+    new = section(runs, source, model, notes)
+    begin, end = markers(model)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + new + tail
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"

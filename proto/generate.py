@@ -2,12 +2,16 @@
 
 protovalidate's wheel embeds buf/validate/validate.proto only as a compiled
 descriptor, so it is written out here and handed to protoc with
---descriptor_set_in: no third-party .proto source is committed, and clients in
-other languages can build from proto/ plus the image this writes.
+--descriptor_set_in: no third-party .proto source is committed. Clients in
+other languages build offline from proto/ plus build/proto, where its source
+is written back from that descriptor (proto/descriptor_source.py):
+`protoc -Iproto -Ibuild/proto --cpp_out=... proto/llmserve/v1/chat.proto`.
 
 Outputs (none committed):
   service/gen/...              Python messages, gRPC stubs and .pyi, imports made package-relative
   build/proto/llmserve.binpb   FileDescriptorSet with imports and comments (buf, Node, reflection tests)
+  service/gen/llmserve.binpb   the same set, which the server's reflection serves (so comments reach grpcurl)
+  build/proto/buf/validate/validate.proto   the imported protovalidate file, as source, for protoc users
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import sys
 from pathlib import Path
 
 import grpc_tools
-from google.protobuf import descriptor_pb2
+from descriptor_source import proto_source
+from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
 from grpc_tools import protoc
 from protovalidate._gen.buf.validate import validate_pb
 
@@ -30,10 +35,22 @@ VALIDATE_PROTO = "buf/validate/validate.proto"
 WELL_KNOWN = Path(grpc_tools.__file__).parent / "_proto"
 
 
+def validate_file() -> descriptor_pb2.FileDescriptorProto:
+    return descriptor_pb2.FileDescriptorProto.FromString(validate_pb.desc().proto.to_binary())
+
+
 def write_validate_descriptor(path: Path) -> None:
     fds = descriptor_pb2.FileDescriptorSet()
-    fds.file.add().ParseFromString(validate_pb.desc().proto.to_binary())
+    fds.file.append(validate_file())
     path.write_bytes(fds.SerializeToString())
+
+
+def write_validate_source(include_dir: Path) -> Path:
+    """buf/validate/validate.proto under include_dir, for `protoc -Iproto -I<include_dir>`."""
+    path = include_dir / VALIDATE_PROTO
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(proto_source(validate_file(), [descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2]))
+    return path
 
 
 def run_protoc(args: list[str]) -> None:
@@ -85,7 +102,9 @@ def main() -> None:
         return
     build_image(PROTO_DIR, deps, args.out)
     generate_python(deps, ROOT / "service/gen")
-    print(f"generated service/gen and {args.out.relative_to(ROOT)}")
+    shutil.copyfile(args.out, ROOT / "service/gen/llmserve.binpb")
+    source = write_validate_source(args.out.parent)
+    print(f"generated service/gen, {args.out.relative_to(ROOT)} and {source.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

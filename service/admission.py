@@ -11,6 +11,7 @@ import asyncio
 import enum
 import hmac
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,18 @@ from dataclasses import dataclass
 import grpc
 
 from service.errors import ServiceError
+
+MAX_REQUEST_ID_CHARS = 128  # longer ids are replaced: they are echoed, forwarded and written into every log line
+
+
+def request_id(offered: str | None) -> str:
+    """The caller's request id, or a new one when it sent none or one too long to log. An id must be printable
+    ASCII, as gRPC metadata is: anything else is refused, naming the header, rather than passed on to fail later."""
+    if not offered or len(offered) > MAX_REQUEST_ID_CHARS:
+        return uuid.uuid4().hex
+    if not all(" " <= ch <= "~" for ch in offered):
+        raise ServiceError.invalid_field("x-request-id", "must be printable ASCII")
+    return offered
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +67,7 @@ class Admission:
     def __init__(self, api_keys: Sequence[str] = ()) -> None:
         self.phase = Phase.LOADING
         self.in_flight = 0
+        self.cutoff = asyncio.Event()  # set when a drain's grace period ran out: front doors end what still runs
         self._keys = tuple(k.encode() for k in api_keys)
 
     def check_key(self, authorization: str, how_to_send: str) -> None:
@@ -84,10 +98,19 @@ class Admission:
             self.in_flight -= 1
 
     async def drain(self, grace_period: float) -> int:
-        """Refuses new calls and waits up to `grace_period` for running ones; returns how many did not finish."""
+        """Refuses new calls and waits up to `grace_period` for running ones; returns how many did not finish,
+        and sets `cutoff` when some did not, so that each ends with an error its client can read."""
         if self.phase is Phase.SERVING or self.phase is Phase.LOADING:
             self.phase = Phase.DRAINING
         deadline = time.monotonic() + grace_period
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.in_flight:
+            self.cutoff.set()
         return self.in_flight
+
+    async def settled(self, timeout: float) -> None:
+        """Waits, at most `timeout` seconds, for the calls that `cutoff` ended to have answered."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)

@@ -46,6 +46,11 @@ class EngineConfig:
                                      "never holds the GIL its steps need (off: a thread of the server's process)")
     threads: int = opt(0, "torch intra-op threads for the reference engine (0: one per core but one, which is "
                                   "left to the server's event loop and its clients)")
+    grammar_threads: int = opt(1, "reference engine: grammars compiled at once, each on a thread beside the step "
+                                  "loop (a request with a new schema waits for its grammar, no other stream does)")
+    grammar_compile_timeout: float = opt(30.0, "reference engine: seconds a grammar may take to compile; past it "
+                                               "the request, and any later one with the same constraint, is "
+                                               "INVALID_ARGUMENT naming the field")
 
 
 @dataclass
@@ -85,15 +90,25 @@ class ServerConfig:
     api_key: list[str] = opt([], "accepted API keys (repeatable); none means no authentication")
     tls_cert: Path | None = opt(None, "server certificate (PEM) for TLS")
     tls_key: Path | None = opt(None, "server private key (PEM) for TLS")
-    tls_client_ca: Path | None = opt(None, "CA (PEM) that client certificates must chain to: mutual TLS")
+    tls_client_ca: Path | None = opt(None, "CA (PEM) that client certificates must chain to: mutual TLS (needs "
+                                           "--tls-cert); the same flags secure the gRPC and the HTTP port")
+    open_reflection: bool = opt(False, "answer gRPC reflection without an API key even when keys are configured "
+                                       "(health always answers without one)")
     grace_period: float = opt(30.0, "seconds running streams get to finish after SIGTERM")
     max_message_bytes: int = opt(4 * 1024 * 1024, "largest request accepted, in bytes")
     max_messages: int = opt(2048, "most chat messages in one request")
     max_content_chars: int = opt(1_000_000, "longest content of one message, in characters")
+    max_schema_bytes: int = opt(256 * 1024, "largest JSON schema a request may constrain its output with (a "
+                                            "response_format schema, or its tools' for a forced call), in bytes")
+    validation_threads: int = opt(2, "threads that parse, validate, render and tokenize large requests, so that "
+                                     "none of it stalls the event loop and the streams it serves")
     clamp_max_tokens: bool = opt(False, "clamp max_tokens to the context left instead of rejecting the request")
     cors_origin: list[str] = opt([], "origins allowed by CORS on the REST shim (repeatable; * for any)")
     ignore_unknown_fields: bool = opt(False, "REST: ignore unknown request fields with a warning instead of 400")
     upstream: str = opt("", "llmserve rest: the gRPC server (HOST:PORT) the standalone REST shim fronts")
+    upstream_ca: Path | None = opt(None, "llmserve rest: CA (PEM) of a TLS upstream; set, the shim connects with TLS")
+    upstream_cert: Path | None = opt(None, "llmserve rest: client certificate (PEM) for a mutual-TLS upstream")
+    upstream_key: Path | None = opt(None, "llmserve rest: the client certificate's private key (PEM)")
     log_level: str = opt("info", "log level", choices=["debug", "info", "warning", "error"])
 
 
@@ -102,6 +117,26 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+
+def startup_problems(s: ServerConfig) -> list[str]:
+    """Settings that would serve something other than what the operator asked for: refused before binding."""
+    problems = []
+    if s.tls_client_ca and not s.tls_cert:
+        problems.append("--tls-client-ca needs --tls-cert and --tls-key: without them both ports would be plaintext")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        problems.append("--tls-cert and --tls-key go together" + (": --tls-key is missing" if s.tls_cert
+                                                                 else ": --tls-cert is missing"))
+    if any(not key.strip() for key in s.api_key):
+        problems.append("--api-key is empty (an unset variable in --api-key \"$KEY\"?): an empty key would accept "
+                        "an empty bearer token")
+    if bool(s.upstream_cert) != bool(s.upstream_key):
+        problems.append("--upstream-cert and --upstream-key go together")
+    if s.upstream_cert and not s.upstream_ca:
+        problems.append("--upstream-cert needs --upstream-ca: a client certificate is presented over TLS only")
+    if s.validation_threads < 1:
+        problems.append("--validation-threads must be at least 1")
+    return problems
 
 
 def _flag(name: str) -> str:

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.backends.base import Engine, EngineStats, Event, Finished, TokenDelta
+from service.backends.base import Engine, EngineStats, Event, Finished, TokenDelta, WorkerStatus
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
@@ -66,6 +66,15 @@ class RequestTimer:
 
 
 EngineSource = Callable[[], Iterable[tuple[str, Engine]]]
+IDLE = EngineStats(0, 0, 0, 0)
+
+
+def _worker_stats(worker: WorkerStatus) -> EngineStats:
+    """What a worker reports, or this server's calls on it where its kind reports nothing; zero for a worker out
+    of rotation, as for an engine that failed: the autoscaler must not count work that may never finish."""
+    if not worker.healthy:
+        return IDLE
+    return worker.stats or EngineStats(worker.in_flight, 0, 0, 0)
 
 
 class EngineGauges(Collector):
@@ -90,8 +99,8 @@ class EngineGauges(Collector):
         for source in self.sources:
             for model, engine in source():
                 workers = engine.workers()
-                rows = [(w.address, w.stats or EngineStats(w.in_flight, 0, 0, 0)) for w in workers] or \
-                    [("0", engine.stats())]
+                rows = [(w.address, _worker_stats(w)) for w in workers] or \
+                    [("0", engine.stats() if engine.health().ok else IDLE)]
                 for label, stats in rows:
                     running.add_metric([model, label], stats.running)
                     waiting.add_metric([model, label], stats.waiting)

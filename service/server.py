@@ -1,10 +1,15 @@
 """The server's lifecycle: bind, load and warm up, serve, drain.
 
-Ports are bound before the models load, so health checks answer NOT_SERVING
-during a long load instead of connection refused; SIGTERM flips health to
-NOT_SERVING, refuses new work with UNAVAILABLE, lets running streams finish
-within the grace period, then exits 0. An engine that fails for good flips
-health to NOT_SERVING too, so the orchestrator restarts the replica.
+Settings that would serve something else than asked (mTLS without a
+certificate, an empty API key) are refused before anything binds. Ports are
+bound before the models load, so health checks answer NOT_SERVING during a
+long load instead of connection refused; SIGTERM flips health to NOT_SERVING,
+refuses new work and the requests still queued in the engines with
+UNAVAILABLE, lets running streams finish within the grace period, ends what
+is left with an error each (an error event and [DONE] on REST streams, 503 on
+REST calls), then exits 0. An engine that fails for good flips health to
+NOT_SERVING too, and its gauges read zero, so the orchestrator restarts the
+replica and the autoscaler does not count work that will never finish.
 
 gRPC health has three levels. "" is the process (liveness): SERVING unless
 loading, draining or failed for good. Each model's name is that model:
@@ -20,40 +25,45 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from service.admission import Admission, Phase
 from service.backends.base import Engine
 from service.chat.completions import ChatCompletions
-from service.config import Config
+from service.config import Config, startup_problems
 from service.gen.llmserve.v1 import chat_pb2_grpc
 from service.grpc_api import CHAT_SERVICE
 from service.grpc_api.decode import DecodeErrorsAsInvalidArgument
+from service.grpc_api.keys import ApiKeys
+from service.grpc_api.reflection import enable_reflection
 from service.grpc_api.servicer import ChatServicer
 from service.logs import setup_logging
 from service.metrics import ENGINE_GAUGES
 from service.models.registry import ModelRegistry
 from service.repository.manifest import ManifestError
 from service.rest import app as rest
+from service.worker_pool import WorkerPool
 
 log = logging.getLogger("llmserve.server")
 
 ENGINE_WATCH_INTERVAL = 0.25  # seconds between checks of the engines' health
+# A worker thread checking a large schema (seconds of jsonschema) holds the GIL in slices; at CPython's default 5 ms
+# the event loop waited up to that long at each of the many GIL takes a chunk costs, and streams stalled ~0.5 s.
+GIL_SWITCH_INTERVAL = 0.0005
+CUTOFF_SETTLE = 2.0  # seconds REST calls cut at the grace period's end get to write their error before HTTP stops
 _STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
     s = config.server
-    if not s.tls_cert:
+    if not s.tls_cert or not s.tls_key:  # half a configuration is refused by startup_problems
         return None
-    if not s.tls_key:
-        raise SystemExit("--tls-cert needs --tls-key")
     client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
     return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
@@ -61,21 +71,23 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
 
 class LlmServer:
     def __init__(self, config: Config, registry: ModelRegistry | None = None) -> None:
+        if problems := startup_problems(config.server):
+            raise SystemExit("cannot serve: " + "; ".join(problems))
         self.config = config
         self.admission = Admission(config.server.api_key)
         self.registry = registry or ModelRegistry(config)
-        self.completions = ChatCompletions(self.registry, config.server)
+        self.pool = WorkerPool(config.server.validation_threads)
+        self.completions = ChatCompletions(self.registry, config.server, self.pool)
         self.health = HealthServicer()
-        self._grpc = grpc.aio.server(interceptors=[DecodeErrorsAsInvalidArgument()], options=[
+        keys = ApiKeys(self.admission, config.server.open_reflection)
+        self._grpc = grpc.aio.server(interceptors=[keys, DecodeErrorsAsInvalidArgument()], options=[
             ("grpc.max_receive_message_length", config.server.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ])
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(self.completions, self.registry, self.admission, config.server), self._grpc)
+            ChatServicer(self.completions, self.registry, self.admission, config.server, self.pool), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            [CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self._grpc)
+        enable_reflection([CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], self._grpc)
         address = f"{config.server.host}:{config.server.grpc_port}"
         credentials = _credentials(config)
         self.grpc_port = (self._grpc.add_secure_port(address, credentials) if credentials
@@ -107,10 +119,11 @@ class LlmServer:
             self._published[service] = ok
 
     async def start(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         await self._set_phase(Phase.LOADING)
         await self._grpc.start()
         if self.config.server.http_port:
-            self._http = rest.HttpServer(self.config, self.completions, self.registry, self.admission)
+            self._http = rest.HttpServer(self.config, self.completions, self.registry, self.admission, self.pool)
             await self._http.start()
         log.info("listening", extra={"grpc": self.grpc_port, "http": self.config.server.http_port})
         await self.registry.load()
@@ -137,15 +150,18 @@ class LlmServer:
         if self._watcher:
             self._watcher.cancel()
         await self._set_phase(Phase.DRAINING)
+        self.completions.refuse_queued()
         deadline = time.monotonic() + self.config.server.grace_period
         unfinished = await self.admission.drain(self.config.server.grace_period)
         log.info("drained", extra={"unfinished": unfinished})
         await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        await self.admission.settled(CUTOFF_SETTLE)
         if self._http:
             await self._http.stop()
         if self._engines in ENGINE_GAUGES.sources:
             ENGINE_GAUGES.sources.remove(self._engines)
         await self.registry.shutdown()
+        self.pool.shutdown()
 
 
 async def serve(config: Config, on_serving: Callable[[LlmServer], None] | None = None) -> int:

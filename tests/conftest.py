@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from service.gen.llmserve.v1 import chat_pb2_grpc
-from tests.helpers import ROOT, ServerProcess, running_server, server_config
+from tests.helpers import LLAMA31, ROOT, ServerProcess, running_server, server_config
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,34 @@ def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         build_demo(target / "demo")
     return target
+
+
+@pytest.fixture(scope="session")
+def llama31_engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding only demo-llama-3.1, the demo with Meta's own Llama 3 tokenizer (`make test`
+    builds build/engines/demo-llama-3.1 first)."""
+    target = tmp_path_factory.mktemp("engines-llama-3.1")
+    built = ROOT / "build" / "engines" / LLAMA31
+    if (built / "manifest.json").is_file():
+        (target / LLAMA31).symlink_to(built)
+    else:
+        from service.repository.build.demo import build_demo
+
+        build_demo(target / LLAMA31, "llama-3.1")
+    return target
+
+
+@pytest.fixture(scope="session")
+async def llama31_channel(llama31_engines_dir: Path) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a server of demo-llama-3.1 alone."""
+    async with running_server(server_config(llama31_engines_dir)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:  # type: ignore[attr-defined]
+        yield ch
+
+
+@pytest.fixture
+def llama31_stub(llama31_channel: grpc.aio.Channel) -> chat_pb2_grpc.ChatServiceStub:
+    return chat_pb2_grpc.ChatServiceStub(llama31_channel)
 
 
 @pytest.fixture(scope="session")

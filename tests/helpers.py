@@ -27,6 +27,8 @@ from service.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hello there"}]
+SMOLLM2 = "smollm2-135m-instruct"  # the real model `make smollm2` builds into engines/
+LLAMA31 = "demo-llama-3.1"  # the demo with Meta's own Llama 3 tokenizer
 
 
 def free_port() -> int:
@@ -67,6 +69,8 @@ def chat(content: str = "Hello there", **fields: object) -> chat_pb2.ChatComplet
     for name, value in fields.items():
         if isinstance(value, list):
             getattr(req, name).extend(value)
+        elif isinstance(value, dict):
+            getattr(req, name).update(value)
         elif hasattr(value, "DESCRIPTOR"):
             getattr(req, name).CopyFrom(value)
         else:

@@ -12,6 +12,7 @@ serving layer only maps events to RPC chunks.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,20 +47,49 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), -100 to 100
+    skip_special_tokens: bool = True  # special tokens' text (<|eot_id|>) never reaches the output unless False
 
 
 @dataclass(frozen=True, slots=True)
 class GuidedDecoding:
-    """Constrained decoding: the output must match this (xgrammar semantics in both engines).
+    """Constrained decoding: the output must match this (xgrammar semantics in every engine).
 
-    Exactly one field is set. `json_schema` is JSON text (a forced tool call is one too, see
-    service/tools.py); `json_object` asks for any JSON object, i.e. the schema
-    `service.backends.grammar.JSON_OBJECT_SCHEMA`; `ebnf` is an xgrammar EBNF grammar.
+    Exactly one constraint is set:
+    - `json_schema`: a JSON schema's text; the output writes object keys in its `properties` order
+      (a forced tool call is one too, see service/chat/tools.py);
+    - `json_object`: any JSON object, i.e. the schema `service.backends.grammar.JSON_OBJECT_SCHEMA`;
+    - `regex`: the whole output matches this regular expression;
+    - `choice`: the output is exactly one of these strings;
+    - `ebnf`: an xgrammar EBNF grammar (its start rule is `root`).
+    JSON is compact (`, ` and `: `, no other whitespace). `tags`, with `json_schema`, puts the document between
+    two texts (a Hermes-style call's `<tool_call>` and `</tool_call>`); they hold no control characters, so the
+    output still never needs one. `field` names the request field the constraint came from
+    (`response_format.json_schema.schema`, `tools`, `structured_outputs.regex`, ...), for errors; it is not part
+    of the constraint's identity.
+
+    Engines map it onto their own APIs: TensorRT-LLM's GuidedDecodingParams takes json=, regex= and grammar=
+    (a choice, and a schema between tags, as the grammar `service.backends.grammar.grammar_text` writes); vLLM's
+    structured outputs take json, regex, choice and grammar as they are.
     """
 
     json_schema: str | None = None
     json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
     ebnf: str | None = None
+    tags: tuple[str, str] | None = None
+    field: str = dataclasses.field(default="response_format", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputSupport:
+    """What an engine's constrained decoding does, as ListModels reports it."""
+
+    forms: tuple[str, ...] = ("json_object", "json_schema", "tools", "regex", "choice", "grammar")
+    # JSON (json_object, json_schema, forced tool calls), regex and choice outputs end valid even when
+    # max_tokens runs out: the engine steers onto the shortest valid ending in time.
+    closes_within_max_tokens: bool = False
 
 
 @dataclass(slots=True)
@@ -196,6 +226,11 @@ class Engine(abc.ABC):
     @property
     @abc.abstractmethod
     def profile(self) -> ProfileInfo: ...
+
+    @property
+    def structured_output(self) -> StructuredOutputSupport:
+        """Every engine enforces every form through xgrammar; only some close outputs within max_tokens."""
+        return StructuredOutputSupport()
 
     @abc.abstractmethod
     async def start(self) -> None:

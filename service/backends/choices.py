@@ -4,7 +4,9 @@ The gRPC workers (TensorRT-LLM, vLLM, SGLang) return token ids only, so text
 is made here, with the same byte-exact incremental
 detokenizer and stop-string hold-back as the reference engine: every engine
 streams the same text for the same tokens. An end-of-turn token ends its
-choice without text, as in the reference engine.
+choice without text, and special tokens (an end-of-turn token under
+ignore_eos included) add none unless the request asks for their text, as in
+the reference engine.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from service.backends.detokenizer import IncrementalDetokenizer
 
 
 class Choices:
-    def __init__(self, request: GenerationRequest, table: list[bytes], eos_ids: set[int]) -> None:
+    def __init__(self, request: GenerationRequest, table: list[bytes], eos_ids: set[int],
+                 special: frozenset[int]) -> None:
         self._request = request
         self._table = table
         self._eos = set() if request.sampling.ignore_eos else eos_ids
-        self._dets = [IncrementalDetokenizer(table, request.sampling.stop) for _ in range(request.n)]
+        silent = special if request.sampling.skip_special_tokens else frozenset()
+        self._dets = [IncrementalDetokenizer(table, request.sampling.stop, silent) for _ in range(request.n)]
         self._seen = [0] * request.n
         self._finished = [False] * request.n
         self.queue_time = 0.0

@@ -7,7 +7,8 @@ come out as U+FFFD, as `tokenizer.decode` shows them. So every generated
 token reaches the text, and the streamed text equals the decoded output.
 
 Text that might be the start of a stop string is held back until it is known
-not to be; a stop string found is cut with everything after it.
+not to be; a stop string found is cut with everything after it. Silent tokens
+(special tokens, unless a request asks for their text) add no text at all.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import codecs
 
 
 class IncrementalDetokenizer:
-    def __init__(self, table: list[bytes], stop: tuple[str, ...]) -> None:
+    def __init__(self, table: list[bytes], stop: tuple[str, ...], silent: frozenset[int] = frozenset()) -> None:
         self._table = table
+        self._silent = silent
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = stop
         self._held = ""  # decoded text not yet released: it may begin a stop string
@@ -31,6 +33,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """The text released by this token, and whether a stop string was hit (the text then ends before it)."""
+        if token_id in self._silent:
+            return "", False
         return self._release(self._utf8.decode(self._table[token_id], final=False))
 
     def flush(self) -> str:

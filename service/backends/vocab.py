@@ -1,7 +1,9 @@
 """What every backend needs to know of a model's vocabulary: each token's exact bytes, and which tokens end a turn.
 
 Bytes: byte-level BPE's GPT-2 alphabet, SentencePiece's <0xNN> byte fallback
-and '▁'; special tokens stand for their text. End of turn: the checkpoint's
+and '▁'; special tokens stand for their text (logprobs show it), and are
+listed apart so that their text reaches the output only when a request asks
+(skip_special_tokens false). End of turn: the checkpoint's
 generation_config.json and config.json `eos_token_id` (an id or a list:
 Llama 3.1 has three) and the tokenizer's own EOS.
 """
@@ -28,17 +30,23 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special tokens (<|eot_id|>, <|python_tag|>, </s>...): control, not text."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    return frozenset(special | added)
+
+
 def token_byte_table(tokenizer: Any) -> list[bytes]:
     """The bytes each token id stands for; special tokens stand for their text."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     byte_level = "ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
     gpt2 = _gpt2_byte_decoder()
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    special = special_token_ids(tokenizer)
     table = []
     for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
         token = token or ""
-        if i in special or i in added:
+        if i in special:
             table.append(token.encode())
         elif byte_level and all(ch in gpt2 for ch in token):
             table.append(bytes(gpt2[ch] for ch in token))

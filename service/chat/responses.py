@@ -1,6 +1,6 @@
 """Engine events -> the contract's answers: a whole ChatCompletion, or stream chunks.
 
-Each choice's text goes through its own ToolCallParser, in the answer and in
+Each choice's text goes through its own tool-call parser, in the answer and in
 the stream alike, so both agree on what is content and what is a call. A
 choice cut off by a cancel, a deadline or a failed worker makes the whole call fail with that
 status (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE) rather than return a partial answer that looks complete.
@@ -25,7 +25,8 @@ from service.backends.base import (
     TokenLogprob,
     Unavailable,
 )
-from service.chat.tools import ToolCallParser, add_to_delta, add_to_message
+from service.chat.tool_parsers import CallParser
+from service.chat.tools import add_to_delta, add_to_message, call_parser
 from service.chat.validation import ValidChat
 from service.errors import ServiceError
 from service.gen.llmserve.v1 import chat_pb2
@@ -38,11 +39,14 @@ _FINISH_REASON_PB = {
 }
 
 
-def engine_error(e: Exception) -> ServiceError:
+def engine_error(e: Exception, budget_field: str = "max_tokens") -> ServiceError:
+    """`budget_field`: the name the request gave its token budget, which an engine's refusal calls max_tokens."""
+    if isinstance(e, ServiceError):  # raised on the way to the engine (a drain refusing a queued request)
+        return e
     if isinstance(e, QueueFull):
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {e}")
     if isinstance(e, InvalidRequest):
-        return ServiceError.invalid_field(e.field, e.message)
+        return ServiceError.invalid_field(budget_field if e.field == "max_tokens" else e.field, e.message)
     if isinstance(e, Unavailable):
         return ServiceError(grpc.StatusCode.UNAVAILABLE, f"model unavailable, retry later: {e}")
     return ServiceError(grpc.StatusCode.INTERNAL, f"engine failure: {e}")
@@ -62,7 +66,7 @@ def _finish_error(reason: FinishReason) -> ServiceError | None:
     return None
 
 
-def _finish_reason(reason: FinishReason, parser: ToolCallParser) -> chat_pb2.FinishReason:
+def _finish_reason(reason: FinishReason, parser: CallParser) -> chat_pb2.FinishReason:
     """A call cut short by max_tokens stays "length": its arguments are incomplete."""
     if parser.called and reason is FinishReason.STOP:
         return chat_pb2.FINISH_REASON_TOOL_CALLS
@@ -80,7 +84,7 @@ def _logprobs_pb(entries: list[TokenLogprob]) -> chat_pb2.ChoiceLogprobs:
 
 @dataclass
 class _Choice:
-    parser: ToolCallParser
+    parser: CallParser
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
@@ -94,7 +98,8 @@ class Answer:
         self._valid = valid
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._created = int(time.time())
-        self._choices = [_Choice(ToolCallParser(valid.tool_names)) for _ in range(valid.n)]
+        self._choices = [_Choice(call_parser(valid.tool_names, valid.model.template.tool_format))
+                         for _ in range(valid.n)]
         self._role_sent = False
 
     def usage(self) -> chat_pb2.Usage:

@@ -1,35 +1,53 @@
-"""Tool calls in the Llama 3.1 JSON form: the grammar that forces one, the parser that finds one.
+"""Tool calls in the model's tool format: the grammar that forces one, the parser that finds one.
 
-Llama 3.1 and its Nemotron fine-tune are trained to call a tool by answering
-`{"name": "<function>", "parameters": {...}}`, sometimes after
-`<|python_tag|>`; their chat templates print past calls the same way. So:
+A model's format is its chat template's (service/models/template.py):
+
+- "llama-3.1-json": Llama 3.1 and its Nemotron fine-tune are trained to call a
+  tool by answering `{"name": "<function>", "parameters": {...}}`, sometimes
+  after `<|python_tag|>`; their chat templates print past calls the same way.
+- "hermes": for templates that cannot show tools, llmserve asks for
+  `<tool_call>{"name": "<function>", "arguments": {...}}</tool_call>`
+  (service/models/hermes.py).
+
+Either way:
 
 - tool_choice "required" or a named function: decoding is constrained to
-  exactly that object, by a JSON schema (one branch per allowed tool, its
-  arguments valid against the tool's `parameters`);
-- "auto": the model decides; an answer that opens with such an object naming
-  a known tool is a call, anything else is content;
+  exactly one call, by a JSON schema (one branch per allowed tool, its
+  arguments valid against the tool's `parameters`), between the tags for
+  "hermes";
+- "auto": the model decides; for "llama-3.1-json" an answer that is one call
+  object of an offered tool and nothing else is a call (as Meta's reference
+  code reads it), for "hermes" an answer that opens with `<tool_call>` and a
+  call of an offered tool; anything else is content;
 - "none": tools never reach the prompt and nothing is parsed.
 
-`ToolCallParser` turns a choice's text, fed as it streams, into content and
-tool-call pieces. The unary answer and the stream use the same parser, so
-they agree on what is a call and what its arguments are.
+The parsers that read a call back out of an answer are in
+service/chat/tool_parsers.py; `call_parser` picks the model's.
 """
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import regex
 from google.protobuf import json_format
 
-from service.chat.schemas import plain_json, schema_problem
+from service.backends.base import GuidedDecoding
+from service.chat.schemas import request_schema, schema_json, schema_problem, size_problem
+from service.chat.tool_parsers import (
+    Arguments,
+    CallParser,
+    CallStart,
+    Content,
+    HermesParser,
+    Llama31JsonParser,
+    Piece,
+)
 from service.errors import FieldViolation
 from service.gen.llmserve.v1 import chat_pb2
+from service.models.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from service.models.template import HERMES
 
-PYTHON_TAG = "<|python_tag|>"
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # OpenAI: no parameters means none
 
 
@@ -41,32 +59,53 @@ def tool_mode(req: chat_pb2.ChatCompletionRequest) -> str:
     return "function" if kind == "function" else req.tool_choice.mode
 
 
-def _parameters(tool: chat_pb2.Tool) -> dict[str, Any]:
-    if not tool.function.HasField("parameters"):
-        return NO_PARAMETERS
-    return plain_json(json_format.MessageToDict(tool.function.parameters))
+def _parameters(tool: chat_pb2.Tool, field: str,
+                violations: list[FieldViolation]) -> tuple[dict[str, Any] | None, str]:
+    function = tool.function
+    if not function.HasField("parameters") and not function.parameters_json:
+        return NO_PARAMETERS, field
+    return request_schema(function.parameters if function.HasField("parameters") else None,
+                          function.parameters_json, field, violations)
+
+
+def tool_parameters(tools: Sequence[chat_pb2.Tool], violations: list[FieldViolation]) -> list[dict[str, Any] | None]:
+    """Each tool's parameters schema, in the order its arguments are written (see service/chat/schemas.py), or
+    None for one that is bad (added to `violations`)."""
+    out: list[dict[str, Any] | None] = []
+    for i, tool in enumerate(tools):
+        parameters, field = _parameters(tool, f"tools[{i}].function.parameters", violations)
+        problem = None
+        if parameters is not None and parameters.get("type", "object") != "object":
+            problem = "must be the JSON schema of an object (the arguments are an object)"
+        elif parameters is not None:
+            problem = schema_problem(parameters)
+        if problem:
+            violations.append(FieldViolation(field, problem))
+        out.append(None if problem else parameters)
+    return out
 
 
 def callable_tools(req: chat_pb2.ChatCompletionRequest,
-                   violations: list[FieldViolation]) -> dict[str, dict[str, Any]]:
-    """The tools the model may call, name to parameters schema; a bad schema is added to `violations`."""
-    mode = tool_mode(req)
-    if mode == "none":
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for i, tool in enumerate(req.tools):
-        parameters, field = _parameters(tool), f"tools[{i}].function.parameters"
-        if parameters.get("type", "object") != "object":
-            violations.append(FieldViolation(field, "must be the JSON schema of an object (the arguments are an "
-                                                    "object)"))
-            continue
-        problem = schema_problem(parameters)
-        if problem:
-            violations.append(FieldViolation(field, problem))
-            continue
-        if mode != "function" or tool.function.name == req.tool_choice.function.name:
-            out[tool.function.name] = parameters
-    return out
+                   parameters: list[dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """The tools the model may call, name to parameters schema."""
+    named = req.tool_choice.function.name if tool_mode(req) == "function" else None
+    return {t.function.name: p for t, p in zip(req.tools, parameters, strict=True)
+            if p is not None and named in (None, t.function.name)}
+
+
+def offered_tools(tools: Sequence[chat_pb2.Tool],
+                  parameters: list[dict[str, Any] | None]) -> list[dict[str, Any]] | None:
+    """The tools as the chat template renders them (OpenAI's JSON form), their parameters in the order the
+    arguments are written: the same tools always make the same prompt, token for token. None for no tools."""
+    out = []
+    for tool, schema in zip(tools, parameters, strict=True):
+        rendered = json_format.MessageToDict(tool, preserving_proto_field_name=True)
+        function = rendered.setdefault("function", {})
+        function.pop("parameters_json", None)
+        if schema is not None and (tool.function.HasField("parameters") or tool.function.parameters_json):
+            function["parameters"] = schema
+        out.append(rendered)
+    return out or None
 
 
 def _rebase_refs(value: Any, old: str, new: str) -> Any:
@@ -78,9 +117,10 @@ def _rebase_refs(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def call_schema(tools: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def call_schema(tools: dict[str, dict[str, Any]], tool_format: str) -> dict[str, Any]:
     """The JSON schema of one call of any of `tools`. Each tool's `$defs` (pydantic writes them) move to the
     root under a prefix, since a `#/$defs/...` reference means the root of the whole schema."""
+    arguments = "arguments" if tool_format == HERMES else "parameters"
     branches, defs = [], {}
     for i, (name, parameters) in enumerate(tools.items()):
         parameters = dict(parameters)
@@ -88,105 +128,30 @@ def call_schema(tools: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for def_name, definition in (parameters.pop(key, None) or {}).items():
                 defs[f"tool{i}_{def_name}"] = _rebase_refs(definition, f"#/{key}/", f"#/$defs/tool{i}_")
             parameters = _rebase_refs(parameters, f"#/{key}/", f"#/$defs/tool{i}_")
-        branches.append({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
-                         "required": ["name", "parameters"], "additionalProperties": False})
+        branches.append({"type": "object", "properties": {"name": {"const": name}, arguments: parameters},
+                         "required": ["name", arguments], "additionalProperties": False})
     schema: dict[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
     if defs:
         schema = {**schema, "$defs": defs}
     return schema
 
 
-@dataclass(frozen=True, slots=True)
-class Content:
-    text: str
+def forced_call(tools: dict[str, dict[str, Any]], tool_format: str, max_bytes: int,
+                violations: list[FieldViolation]) -> GuidedDecoding | None:
+    """Decoding constrained to one call of one of `tools`, as the model's format writes it."""
+    schema = call_schema(tools, tool_format)
+    text = schema_json(schema)
+    problem = size_problem(text, max_bytes) or schema_problem(schema)
+    if problem:
+        violations.append(FieldViolation("tools", problem))
+        return None
+    tags = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tool_format == HERMES else None
+    return GuidedDecoding(json_schema=text, tags=tags, field="tools")
 
 
-@dataclass(frozen=True, slots=True)
-class CallStart:
-    id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Arguments:
-    text: str
-
-
-Piece = Content | CallStart | Arguments
-
-
-class ToolCallParser:
-    """One choice's text in, content or a tool call out, piece by piece.
-
-    Text is held only while it could still be the opening of a call
-    (`{"name": "<known tool>", "parameters": `); then the call starts and the
-    arguments object streams through as it is written, up to its closing
-    brace. Llama 3.1 makes one call per turn, so what follows is dropped.
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        alternatives = "|".join(regex.escape(n) for n in names)  # names are [a-zA-Z0-9_-]: no JSON escapes
-        self._opening = regex.compile(
-            rf'\s*(?:{regex.escape(PYTHON_TAG)}\s*)?\{{\s*"name"\s*:\s*"({alternatives})"\s*,\s*'
-            rf'"(?:parameters|arguments)"\s*:\s*')
-        self._held = ""
-        self._state = "deciding" if names else "content"
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-        self.called = False
-
-    def feed(self, text: str) -> list[Piece]:
-        if self._state == "content":
-            return [Content(text)] if text else []
-        if self._state == "deciding":
-            return self._decide(text)
-        if self._state == "arguments":
-            return self._arguments(text)
-        return []
-
-    def finish(self) -> list[Piece]:
-        """What was held back when the choice ends: text that never became a call is content."""
-        if self._state == "deciding" and self._held:
-            self._state = "content"
-            return [Content(self._held)]
-        return []
-
-    def _decide(self, text: str) -> list[Piece]:
-        self._held += text
-        opening = self._opening.match(self._held)
-        if opening is None:
-            if self._opening.fullmatch(self._held, partial=True) is None:
-                self._state = "content"
-                return [Content(self._held)]
-            return []
-        self._state, self.called = "arguments", True
-        start = CallStart(f"call_{uuid.uuid4().hex[:24]}", opening.group(1))
-        return [start, *self._arguments(self._held[opening.end():])]
-
-    def _arguments(self, text: str) -> list[Piece]:
-        """Scans the arguments' JSON: strings and nesting, so that the object's own closing brace ends it."""
-        if self._depth == 0:
-            text = text.lstrip()  # between the opening's colon and the value
-        for i, ch in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth <= 0:  # below 0: the call's own brace, after arguments that were not an object
-                    self._state = "done"
-                    end = i + 1 if self._depth == 0 else i
-                    return [Arguments(text[:end])] if end else []
-        return [Arguments(text)] if text else []
+def call_parser(names: list[str], tool_format: str) -> CallParser:
+    """The parser for answers of a model with this tool format that may call `names` (none: never a call)."""
+    return HermesParser(names) if tool_format == HERMES else Llama31JsonParser(names)
 
 
 def add_to_message(message: chat_pb2.ChatMessage, pieces: list[Piece]) -> None:

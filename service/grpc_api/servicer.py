@@ -1,6 +1,7 @@
-"""The ChatService RPCs: transport concerns only (auth, request id, deadline, admission, status codes).
+"""The ChatService RPCs: transport concerns only (request id, deadline, admission, status codes).
 
-Everything about a completion itself is in service.chat.completions; this module turns a
+API keys are checked before the body is decoded (service.grpc_api.keys). Everything about a
+completion itself is in service.chat.completions; this module turns a
 ServiceError into a gRPC status with google.rpc.BadRequest field violations,
 and never lets an unexpected exception reach a client as a traceback.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -18,18 +18,18 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.admission import Admission, Call
+from service.admission import Admission, Call, request_id
 from service.chat.catalog import list_models, tokenize
 from service.chat.completions import ChatCompletions
 from service.config import ServerConfig
 from service.errors import ServiceError
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.models.registry import ModelRegistry
+from service.worker_pool import WorkerPool
 
 log = logging.getLogger("llmserve.request")
 
 T = TypeVar("T")
-_SEND_KEY = "send metadata 'authorization: Bearer <key>'"
 
 
 def status_for(error: ServiceError) -> grpc.Status:
@@ -53,20 +53,20 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, completions: ChatCompletions, registry: ModelRegistry, admission: Admission,
-                 config: ServerConfig) -> None:
+                 config: ServerConfig, pool: WorkerPool) -> None:
         self._completions = completions
         self._registry = registry
         self._admission = admission
         self._config = config
+        self._pool = pool
 
     async def _begin(self, context: grpc.aio.ServicerContext) -> Call:
-        request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
-        await context.send_initial_metadata((("x-request-id", request_id),))
-        self._admission.check_key(_metadata(context, "authorization") or "", _SEND_KEY)
+        rid = request_id(_metadata(context, "x-request-id"))
+        await context.send_initial_metadata((("x-request-id", rid),))
         self._admission.admit()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return Call(request_id, deadline)
+        return Call(rid, deadline)
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
         status = status_for(error)
@@ -75,7 +75,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def _log(self, method: str, request: object, call: Call | None, started: float, code: grpc.StatusCode,
              usage: chat_pb2.Usage | None = None) -> None:
         extra = {"request_id": call.request_id if call else None, "method": method,
-                 "model": getattr(request, "model", None), "code": code.name,
+                 "model": getattr(request, "model", None), "user": getattr(request, "user", None) or None,
+                 "code": code.name,
                  "seconds": round(time.monotonic() - started, 4)}
         if usage is not None:
             extra.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
@@ -113,7 +114,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Tokenize(self, request: chat_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> chat_pb2.TokenizeResponse:
         async def handler(_: Call) -> chat_pb2.TokenizeResponse:
-            return tokenize(self._registry, request, self._config)
+            return await self._pool.run(tokenize, self._registry, request, self._config)
         return await self._unary("Tokenize", request, context, handler)
 
     async def StreamChatCompletion(self, request: chat_pb2.ChatCompletionRequest,

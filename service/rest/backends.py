@@ -22,6 +22,8 @@ SEND_KEY = "send the header 'Authorization: Bearer <key>'"
 
 
 class ChatBackend(Protocol):
+    admission: Admission  # whose drain counts this backend's calls, and whose cutoff ends them
+
     def admit(self, call: Call) -> None:
         """Raises ServiceError when the caller may not be served now (key, loading, draining)."""
 
@@ -41,19 +43,19 @@ class InProcessBackend:
     def __init__(self, completions: ChatCompletions, registry: ModelRegistry, admission: Admission) -> None:
         self._completions = completions
         self._registry = registry
-        self._admission = admission
+        self.admission = admission
 
     def admit(self, call: Call) -> None:
-        self._admission.check_key(call.authorization, SEND_KEY)
-        self._admission.admit()
+        self.admission.check_key(call.authorization, SEND_KEY)
+        self.admission.admit()
 
     async def create(self, req: chat_pb2.ChatCompletionRequest, call: Call) -> chat_pb2.ChatCompletion:
-        with self._admission.tracked():
+        with self.admission.tracked():
             return await self._completions.create(req, call)
 
     async def stream(self, req: chat_pb2.ChatCompletionRequest,
                      call: Call) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
-        with self._admission.tracked():
+        with self.admission.tracked():
             async with aclosing(self._completions.stream(req, call)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -63,9 +65,9 @@ class InProcessBackend:
 
     async def readiness(self) -> tuple[bool, str]:
         """As the gRPC health of llmserve.v1.ChatService: serving, with at least one model that can generate."""
-        if self._admission.phase is not Phase.SERVING:
-            return False, self._admission.phase.value
+        if self.admission.phase is not Phase.SERVING:
+            return False, self.admission.phase.value
         models = self._registry.serving()
         if any(models.values()):
-            return True, self._admission.phase.value
+            return True, self.admission.phase.value
         return False, "no model can generate now: " + ", ".join(models)

@@ -46,8 +46,19 @@ def http_error(code: grpc.StatusCode) -> HttpError:
     return _TABLE.get(code, _INTERNAL)
 
 
+class BodyTooLarge(ServiceError):
+    """A request body past --max-message-bytes: 413 on REST (RESOURCE_EXHAUSTED, as gRPC itself answers)."""
+
+    def __init__(self, size: str, limit: int) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request body is {size} bytes; at most {limit} "
+                                                             "are accepted (--max-message-bytes)")
+
+
 def openai_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
     """The HTTP status and `{"error": {message, type, param, code}}`; code is the gRPC status, lower-cased."""
+    if isinstance(error, BodyTooLarge):
+        return 413, {"error": {"message": error.message, "type": "invalid_request_error", "param": "body",
+                               "code": error.code.name.lower()}}
     mapped = http_error(error.code)
     param = error.violations[0].field if error.violations else None
     return mapped.status, {"error": {"message": error.message, "type": mapped.type, "param": param,
@@ -59,3 +70,12 @@ def dataoorts_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
     status, body = openai_error(error)
     entry = {"code": status, "message": error.message, "param": body["error"]["param"]}
     return status, {"errors": [entry], "messages": [], "result": None, "success": False}
+
+
+def route_error(status: int, method: str, path: str) -> dict[str, Any]:
+    """An unknown route (404) or a method the route does not take (405), in the same shape as every other error."""
+    if status == 405:
+        return {"error": {"message": f"{method} is not allowed on {path}", "type": "invalid_request_error",
+                          "param": None, "code": "method_not_allowed"}}
+    return {"error": {"message": f"no route {method} {path}; see docs/rest.md for the routes",
+                      "type": http_error(grpc.StatusCode.NOT_FOUND).type, "param": None, "code": "not_found"}}

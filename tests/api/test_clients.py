@@ -43,6 +43,11 @@ async def test_grpcurl_lists_and_describes_by_reflection(server: object, grpcurl
     code, out, err = await run(grpcurl, "-plaintext", address, "describe", "llmserve.v1.ChatCompletionRequest")
     assert code == 0, err
     assert "optional double temperature = 3" in out and "buf.validate.field" in out
+    # The field comments, with their defaults and cross-field rules, travel with reflection.
+    assert "// Number of choices, 1 to 4. Default: 1." in out
+    assert "// Also return this many most likely alternatives per token, 0 to 20." in out
+    code, out, err = await run(grpcurl, "-plaintext", address, "describe", "llmserve.v1.ChatService")
+    assert code == 0 and "// Counts the tokens of a text" in out, (out, err)
 
 
 async def test_grpcurl_calls_stream_unary_and_health(server: object, grpcurl: str) -> None:

@@ -11,6 +11,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import EngineConfig
@@ -132,8 +133,11 @@ async def test_list_models_and_tokenize(stub: chat_pb2_grpc.ChatServiceStub) -> 
     models = await stub.ListModels(chat_pb2.ListModelsRequest())
     assert [m.id for m in models.data] == ["demo"]
     demo = models.data[0]
-    assert (demo.backend, demo.context_length, demo.owned_by) == ("reference", 2048, "llmserve")
+    assert (demo.backend, demo.context_length, demo.owned_by, demo.tool_format) == (
+        "reference", 2048, "llmserve", "llama-3.1-json")
     assert demo.profile.gpu_architecture == "cpu" and demo.profile.id
+    assert set(demo.structured_output.forms) == {"json_object", "json_schema", "tools", "regex", "choice", "grammar"}
+    assert demo.structured_output.closes_within_max_tokens
     text = await stub.Tokenize(chat_pb2.TokenizeRequest(model="demo", text="hello world"))
     assert text.count == len(text.tokens) > 0 and text.max_model_len == 2048
     with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -222,6 +226,50 @@ async def test_api_keys(engines_dir) -> None:
         assert reply.data[0].id == "demo"
         health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def list_services(ch: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    requests = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(requests, metadata=metadata)
+    return [s.name async for reply in replies for s in reply.list_services_response.service]
+
+
+async def test_with_keys_reflection_needs_a_key_unless_opened(engines_dir) -> None:
+    """Reflection hands out the whole API map: behind the keys like the API, unless --open-reflection."""
+    async with running_server(server_config(engines_dir, api_key=["k1"], http_port=0)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await list_services(ch)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "llmserve.v1.ChatService" in await list_services(ch, (("authorization", "Bearer k1"),))
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    async with running_server(server_config(engines_dir, api_key=["k1"], open_reflection=True, http_port=0)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        assert "llmserve.v1.ChatService" in await list_services(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await chat_pb2_grpc.ChatServiceStub(ch).ListModels(chat_pb2.ListModelsRequest())
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_key_is_checked_before_the_body_is_decoded(engines_dir) -> None:
+    """A caller without a key learns nothing from how its body would be judged: bytes that are no request get
+    UNAUTHENTICATED, not INVALID_ARGUMENT; with the key, the same bytes get INVALID_ARGUMENT."""
+    async with running_server(server_config(engines_dir, api_key=["k1"], http_port=0)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        for method in ("CreateChatCompletion", "Tokenize"):
+            raw = ch.unary_unary(f"/llmserve.v1.ChatService/{method}")  # no serializers: bytes as they are
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await raw(b"\xff\xff\xff\xff", metadata=(("authorization", "Bearer wrong"),))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await raw(b"\xff\xff\xff\xff", metadata=(("authorization", "Bearer k1"),))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        raw_stream = ch.unary_stream("/llmserve.v1.ChatService/StreamChatCompletion")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in raw_stream(b"\xff\xff\xff\xff"):
+                pass
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_oversized_request_is_refused_clearly(engines_dir) -> None:

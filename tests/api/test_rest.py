@@ -219,9 +219,11 @@ async def test_models_list_and_get(http: httpx.AsyncClient) -> None:
     assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["demo"]
     one = (await http.get("/v1/models/demo")).json()
     assert one == listed["data"][0]
-    assert {k: one[k] for k in ("object", "owned_by", "context_length", "backend")} == {
-        "object": "model", "owned_by": "llmserve", "context_length": 2048, "backend": "reference"}
+    assert {k: one[k] for k in ("object", "owned_by", "context_length", "backend", "tool_format")} == {
+        "object": "model", "owned_by": "llmserve", "context_length": 2048, "backend": "reference",
+        "tool_format": "llama-3.1-json"}
     assert one["profile"]["gpu_architecture"] == "cpu" and isinstance(one["created"], int)
+    assert one["structured_output"]["closes_within_max_tokens"] is True and "regex" in one["structured_output"]["forms"]
 
 
 async def test_dataoorts_wrapper(http: httpx.AsyncClient, stub: chat_pb2_grpc.ChatServiceStub) -> None:

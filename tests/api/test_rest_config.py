@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -64,11 +66,11 @@ async def test_cors_allows_only_the_configured_origin(http: httpx.AsyncClient) -
 async def test_unknown_fields_are_ignored_with_a_warning_when_configured(
         http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="llmserve.rest.request"):
-        r = await http.post("/v1/chat/completions", json=body(max_tokens=2, logit_bias={"50256": -100},
+        r = await http.post("/v1/chat/completions", json=body(max_tokens=2, frobnicate={"50256": -100},
                                                               messages=[{"role": "user", "content": "hi", "x": 1}]))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     [record] = [r for r in caplog.records if r.getMessage() == "ignored unknown request fields"]
-    assert record.fields == ["messages[0].x", "logit_bias"]
+    assert record.fields == ["messages[0].x", "frobnicate"]
     r = await http.post("/v1/chat/completions", json=body(temperature="warm"))
     assert_error(r, 400, "invalid_request_error", "invalid_argument", "temperature")
 
@@ -88,7 +90,35 @@ async def test_overload_is_429_while_admitted_requests_finish(http: httpx.AsyncC
 
 async def test_oversized_body_is_refused(http: httpx.AsyncClient) -> None:
     r = await http.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "x" * 30_000}]))
-    assert "20000" in assert_error(r, 400, "invalid_request_error", "invalid_argument", "body")["message"]
+    assert "20000" in assert_error(r, 413, "invalid_request_error", "resource_exhausted", "body")["message"]
+
+
+def send_chunked_until_answered(port: int, limit: int = 50_000_000) -> tuple[int, bytes]:
+    """Sends a chat request with a chunked body that never ends (until `limit` bytes), reading whenever the server
+    answers; returns how much was sent by then and the answer's bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+        sent, answer = 0, b""
+        while sent < limit:
+            readable, writable, _ = select.select([sock], [sock], [], 10)
+            if readable:
+                answer = sock.recv(65536)
+                break
+            if not writable:
+                break
+            sock.sendall(chunk)
+            sent += len(chunk)
+        return sent, answer
+
+
+async def test_a_chunked_body_is_counted_as_it_arrives(guarded: Any) -> None:
+    """No Content-Length: the shim stops reading at the limit and answers 413 while the client is still sending
+    (before, it read all 50 MB, then answered 400)."""
+    sent, answer = await asyncio.to_thread(send_chunked_until_answered, guarded.config.server.http_port)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert sent < 5_000_000, f"the shim read {sent} bytes of a body past its 20,000-byte limit before answering"
 
 
 async def test_sigterm_drains_rest_streams(server_process: Any) -> None:

@@ -24,6 +24,7 @@ from service.config import ServerConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.rest.app import RestServer
 from service.rest.upstream import UpstreamBackend
+from service.worker_pool import WorkerPool
 from tests.helpers import (
     ROOT,
     assert_error,
@@ -43,9 +44,9 @@ AUTH = (("authorization", f"Bearer {KEY}"),)
 @asynccontextmanager
 async def shim_for(address: str) -> AsyncIterator[httpx.AsyncClient]:
     """A standalone shim in this process, and a client of it that sends the upstream's key."""
-    config = ServerConfig(http_port=free_port())
-    backend = UpstreamBackend(address, config.max_message_bytes)
-    server = RestServer(config, backend)
+    config = ServerConfig(http_port=free_port(), upstream=address)
+    backend = UpstreamBackend(config)
+    server = RestServer(config, backend, WorkerPool(1))
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{config.http_port}", timeout=60,

@@ -1,10 +1,12 @@
 """response_format json_object and json_schema: whatever the (random) demo model wants, the answer parses and
-validates, over 20 seeds, unary and streamed, through gRPC and the REST shim; bad schemas name their field."""
+validates, over 20 seeds, unary and streamed, through gRPC and the REST shim, even when max_tokens ends it (the
+engine closes the document in time); a max_tokens below the shortest document and bad schemas name their field."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +95,110 @@ async def test_json_schema_answers_always_validate(stub: chat_pb2_grpc.ChatServi
     assert len({text for text, _ in answers}) > 1, "different seeds should give different answers"
 
 
-async def test_json_object_answers_are_objects(stub: chat_pb2_grpc.ChatServiceStub) -> None:
-    """Any object: its strings are unbounded, so a random model may run out of max_tokens inside one
-    (finish_reason length, the JSON cut short, as OpenAI documents); every answer that ends is an object."""
-    fmt = chat_pb2.ResponseFormat(type="json_object")
-    reqs = [chat("JSON please", response_format=fmt, seed=seed, max_tokens=64) for seed in SEEDS]
-    unary, streams = await asyncio.gather(
-        asyncio.gather(*(stub.CreateChatCompletion(r) for r in reqs)),
-        asyncio.gather(*(streamed(stub, r) for r in reqs)))
-    answers = [(r.choices[0].message.content, r.choices[0].finish_reason) for r in unary] + list(streams)
-    ended = [text for text, finish in answers if finish == FR.FINISH_REASON_STOP]
-    assert len(ended) >= len(answers) // 4, answers
-    for text in ended:
-        assert isinstance(json.loads(text), dict), text
-    for text, finish in answers:
-        assert finish in (FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH) and text.startswith("{"), text
+# Nested objects, arrays, enums and required fields, with strings and arrays unbounded: a random model rambles in
+# them until max_tokens, so the engine must close the document itself.
+UNBOUNDED: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "status": {"enum": ["active", "inactive", "pending"]},
+        "address": {"type": "object", "properties": {"street": {"type": "string"},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["street", "zip"]},
+        "items": {"type": "array", "minItems": 1,
+                  "items": {"type": "object", "properties": {"sku": {"type": "string"},
+                                                             "qty": {"type": "integer", "minimum": 1}},
+                            "required": ["sku", "qty"]}},
+        "note": {"type": "string"},
+    },
+    "required": ["name", "status", "address", "items"],
+}
+FORMATS = {"json_object": (chat_pb2.ResponseFormat(type="json_object"), {"type": "object"}),
+           "json_schema": (schema_format(UNBOUNDED), UNBOUNDED)}
+
+
+async def minimum_tokens(stub: chat_pb2_grpc.ChatServiceStub, req: chat_pb2.ChatCompletionRequest) -> int:
+    """The fewest max_tokens the request's format allows, as the INVALID_ARGUMENT for max_tokens 0 names it."""
+    probe = chat_pb2.ChatCompletionRequest()
+    probe.CopyFrom(req)
+    probe.max_tokens = 0
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.CreateChatCompletion(probe)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_violations(e.value) == ["max_tokens"]
+    found = re.search(r"shortest output .* allows, (\d+) tokens", e.value.details())
+    assert found, e.value.details()
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("form", sorted(FORMATS))
+async def test_answers_parse_and_validate_whatever_max_tokens(stub: chat_pb2_grpc.ChatServiceStub, form: str) -> None:
+    """20 seeds at temperature 1, max_tokens spread from the minimum to 300, unary and streamed: every answer is a
+    whole valid document within max_tokens; "length" when the budget closed it, "stop" when the model did."""
+    fmt, schema = FORMATS[form]
+    least = await minimum_tokens(stub, chat("Describe it as JSON.", response_format=fmt))
+    budgets = [least + (300 - least) * i // (len(SEEDS) - 1) for i in range(len(SEEDS))]
+    reqs = [chat("Describe it as JSON.", response_format=fmt, seed=seed, max_tokens=budget, temperature=1.0)
+            for seed, budget in zip(SEEDS, budgets, strict=True)]
+    unary, streams = await asyncio.gather(asyncio.gather(*(stub.CreateChatCompletion(r) for r in reqs)),
+                                          asyncio.gather(*(streamed(stub, r) for r in reqs)))
+    for reply, (text, finish), budget in zip(unary, streams, budgets, strict=True):
+        c = reply.choices[0]
+        assert reply.usage.completion_tokens <= budget
+        assert (text, finish) == (c.message.content, c.finish_reason), "streamed as answered"
+        assert finish in (FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH)
+        jsonschema.validate(json.loads(text), schema)
+    reasons = [r.choices[0].finish_reason for r in unary]
+    assert reasons.count(FR.FINISH_REASON_LENGTH) >= len(SEEDS) // 2, "most budgets were too small for the model"
+    exact = await stub.CreateChatCompletion(chat("Describe it as JSON.", response_format=fmt, seed=1, max_tokens=least))
+    jsonschema.validate(json.loads(exact.choices[0].message.content), schema)
+
+
+async def test_with_enough_budget_the_answer_is_the_models_own(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    """Against a run whose budget never binds: the same answer once max_tokens covers it; with less, the model's own
+    tokens up to where closing began, then only the closing."""
+    fmt = schema_format(SCHEMAS["nested"])
+    least = await minimum_tokens(stub, chat(response_format=fmt))
+    own = await asyncio.gather(*(stub.CreateChatCompletion(chat(response_format=fmt, seed=seed, max_tokens=1000,
+                                                                logprobs=True)) for seed in SEEDS))
+    compared = 0
+    for seed, reply in zip(SEEDS, own, strict=True):
+        tokens = [t.token for t in reply.choices[0].logprobs.content]
+        if reply.choices[0].finish_reason != FR.FINISH_REASON_STOP or len(tokens) < least + 12:
+            continue
+        whole, cut = await asyncio.gather(
+            stub.CreateChatCompletion(chat(response_format=fmt, seed=seed, max_tokens=len(tokens) + 1)),
+            stub.CreateChatCompletion(chat(response_format=fmt, seed=seed, max_tokens=len(tokens) - 8,
+                                           logprobs=True)))
+        assert whole.choices[0].message.content == reply.choices[0].message.content
+        assert whole.choices[0].finish_reason == FR.FINISH_REASON_STOP
+        closed = [t.token for t in cut.choices[0].logprobs.content]
+        same = next((i for i, (a, b) in enumerate(zip(tokens, closed, strict=False)) if a != b), len(closed))
+        assert same >= len(closed) - least - 4, "the budget steered only at the end"
+        assert cut.choices[0].finish_reason == FR.FINISH_REASON_LENGTH
+        jsonschema.validate(json.loads(cut.choices[0].message.content), SCHEMAS["nested"])
+        compared += 1
+    assert compared >= 3
+
+
+async def test_max_tokens_below_the_shortest_document_names_max_tokens(stub: chat_pb2_grpc.ChatServiceStub,
+                                                                       server: Any) -> None:
+    fmt = schema_format(UNBOUNDED)
+    least = await minimum_tokens(stub, chat(response_format=fmt))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.CreateChatCompletion(chat(response_format=fmt, max_tokens=least - 1))
+    assert field_violations(e.value) == ["max_tokens"] and f"{least} tokens" in e.value.details()
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": least - 1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": UNBOUNDED}}}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.server.http_port}", timeout=60) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        newer = {**body, "max_completion_tokens": body.pop("max_tokens")}  # OpenAI's newer name is named back
+        r = await c.post("/v1/chat/completions", json=newer)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+        body["max_tokens"] = least
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), UNBOUNDED)
 
 
 async def test_grammar_ends_the_answer_despite_ignore_eos(stub: chat_pb2_grpc.ChatServiceStub) -> None:
@@ -137,6 +228,8 @@ BAD_SCHEMAS = [
     {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},      # a dangling reference
     {"type": "integer", "minimum": 5, "maximum": 1},                           # an empty range
     {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},      # not enforceable while decoding
+    {"type": "string", "pattern": "^a+$", "maxLength": 3},                     # xgrammar drops the length
+    {"allOf": [{"type": "integer"}, {"minimum": 2}]},                          # xgrammar drops such an allOf
 ]
 
 
@@ -214,8 +307,9 @@ def test_eos_is_allowed_only_where_the_document_may_end(engines_dir: Path) -> No
     tokenizer = AutoTokenizer.from_pretrained(engines_dir / "demo" / "checkpoint")
     eos = tokenizer.eos_token_id
     guides = Guides(tokenizer, len(tokenizer), {eos}, token_byte_table(tokenizer), torch.device("cpu"))
-    processor = guides.processor(GuidedDecoding(json_schema=json.dumps(
-        {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})))
+    guided = GuidedDecoding(json_schema=json.dumps(
+        {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    processor = guides.processor(guided, guides.grammars.get(guided), budget=100)
     newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]
     for token in tokenizer.encode('{"ok": true}', add_special_tokens=False):
         logits = torch.zeros(len(tokenizer))

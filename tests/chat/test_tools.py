@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, Literal
 
 import grpc
@@ -13,10 +14,12 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from google.protobuf import json_format
 
 from service.chat.schemas import schema_problem
-from service.chat.tools import Arguments, CallStart, Content, ToolCallParser, call_schema
+from service.chat.tools import Arguments, CallStart, Content, call_parser, call_schema
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
+from service.models.template import HERMES, LLAMA_JSON
 from tests.helpers import chat, field_violations, struct
 
 FR = chat_pb2.FinishReason
@@ -63,22 +66,33 @@ CALLS = [
     ' \n{ "name" : "book_table" ,\n "parameters" : {"people": 2, "outdoor": false, "dishes": ["a}", "b\\"{"]}} ',
     '<|python_tag|>{"name": "ping", "parameters": {}}',
     '{"name": "get_weather", "arguments": {"city": "{[", "unit": "fahrenheit"}}',
+    '{"parameters": {}, "name": "ping"}',
+]
+HERMES_NOT_CALLS = [
+    '{"name": "ping", "arguments": {}}',  # a Hermes-format model's call is inside the tags
+    '<tool_call>\n{"name": "unknown_tool", "arguments": {}}\n</tool_call>',
+    'I would call <tool_call>{"name": "ping", "arguments": {}}</tool_call>',
+    "<tool_", "",
+]
+HERMES_CALLS = [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>',
+    ' <tool_call>{"name": "book_table", "arguments": {"people": 2, "outdoor": false, "dishes": ["}"]}}</tool_call>',
+    '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "ping"',
 ]
 NOT_CALLS = [
     "Hello there",
     '{"name": "unknown_tool", "parameters": {}}',
-    '{"parameters": {}, "name": "ping"}',
     '{"name": "get_weathe", "parameters": {}}',
     "  {not json",
     "",
 ]
 
 
-def pieces_by_splits(text: str, names: list[str]) -> list[list[Any]]:
+def pieces_by_splits(text: str, names: list[str], tool_format: str = LLAMA_JSON) -> list[list[Any]]:
     """The parser's output for `text` fed whole, and split at every position."""
     out = []
     for cut in range(len(text) + 1):
-        parser = ToolCallParser(names)
+        parser = call_parser(names, tool_format)
         out.append(parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish())
     return out
 
@@ -101,8 +115,26 @@ def test_parser_passes_other_text_through_as_content(text: str) -> None:
         assert "".join(p.text for p in pieces) == text
 
 
+@pytest.mark.parametrize("text", HERMES_CALLS)
+def test_hermes_parser_finds_the_first_call_in_its_tags_however_the_text_is_split(text: str) -> None:
+    first = text.strip().removeprefix("<tool_call>").split("</tool_call>")[0]
+    expected = json.loads(first)
+    for pieces in pieces_by_splits(text, list(TOOLS), HERMES):
+        starts = [p for p in pieces if isinstance(p, CallStart)]
+        assert len(starts) == 1 and starts[0].name == expected["name"]
+        assert not [p for p in pieces if isinstance(p, Content)]  # the closing tag and what follows are dropped
+        assert json.loads("".join(p.text for p in pieces if isinstance(p, Arguments))) == expected["arguments"]
+
+
+@pytest.mark.parametrize("text", HERMES_NOT_CALLS)
+def test_hermes_parser_passes_other_text_through_as_content(text: str) -> None:
+    for pieces in pieces_by_splits(text, list(TOOLS), HERMES):
+        assert all(isinstance(p, Content) for p in pieces)
+        assert "".join(p.text for p in pieces) == text
+
+
 def test_parser_without_tools_never_holds_text() -> None:
-    parser = ToolCallParser([])
+    parser = call_parser([], LLAMA_JSON)
     assert parser.feed('{"name": "ping", "parameters": {}}') == [Content('{"name": "ping", "parameters": {}}')]
     assert not parser.called
 
@@ -113,7 +145,7 @@ def test_call_schema_keeps_each_tools_definitions_apart() -> None:
          "$defs": {"Item": {"type": "integer"}}}
     b = {"type": "object", "properties": {"x": {"$ref": "#/$defs/Item"}}, "required": ["x"],
          "$defs": {"Item": {"type": "string", "maxLength": 3}}}
-    schema = call_schema({"a": a, "b": b})
+    schema = call_schema({"a": a, "b": b}, LLAMA_JSON)
     assert schema_problem(schema) is None
     jsonschema.validate({"name": "a", "parameters": {"x": 1}}, schema)
     jsonschema.validate({"name": "b", "parameters": {"x": "abc"}}, schema)
@@ -165,9 +197,35 @@ async def test_forced_calls_are_valid_calls_of_allowed_tools(stub: chat_pb2_grpc
         assert len({r.choices[0].message.tool_calls[0].function.name for r in unary}) > 1
 
 
+async def test_forced_calls_are_whole_calls_whatever_max_tokens(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    """Unbounded arguments (a random model rambles in the city's name), max_tokens from the minimum to 300: every
+    call's arguments parse and validate, unary and streamed; "length" when the budget closed the call."""
+    tools = tools_pb()
+    tools[0].function.parameters.CopyFrom(struct({"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}))
+    probe = chat("What now?", tools=tools, tool_choice=required(), max_tokens=0)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.CreateChatCompletion(probe)
+    assert field_violations(e.value) == ["max_tokens"], e.value.details()
+    least = int(re.search(r"allows, (\d+) tokens", e.value.details()).group(1))  # type: ignore[union-attr]
+    budgets = [least + (300 - least) * i // (len(SEEDS) - 1) for i in SEEDS]
+    reqs = [chat("What now?", tools=tools, tool_choice=required(), seed=seed, max_tokens=budget)
+            for seed, budget in zip(SEEDS, budgets, strict=True)]
+    unary, streams = await asyncio.gather(asyncio.gather(*(stub.CreateChatCompletion(r) for r in reqs)),
+                                          asyncio.gather(*(streamed_call(stub, r) for r in reqs)))
+    schemas = {**TOOLS, "get_weather": json.loads(json_format.MessageToJson(tools[0].function.parameters))}
+    for reply, (deltas, content, finish) in zip(unary, streams, strict=True):
+        c = reply.choices[0]
+        assert c.finish_reason in (FR.FINISH_REASON_TOOL_CALLS, FR.FINISH_REASON_LENGTH) and finish == c.finish_reason
+        call = c.message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        assert content == "" and "".join(d.function.arguments for d in deltas[1:]) == call.function.arguments
+    assert FR.FINISH_REASON_LENGTH in [r.choices[0].finish_reason for r in unary]
+
+
 async def test_none_never_calls_even_when_the_text_looks_like_a_call(stub: chat_pb2_grpc.ChatServiceStub) -> None:
     """With tool_choice none, a JSON schema may force exactly a call's shape: it stays content."""
-    shape = call_schema({"get_weather": TOOLS["get_weather"]})
+    shape = call_schema({"get_weather": TOOLS["get_weather"]}, LLAMA_JSON)
     fmt = chat_pb2.ResponseFormat(type="json_schema", json_schema=chat_pb2.JsonSchema(name="c", schema=struct(shape)))
     reqs = [chat(tools=tools_pb(), tool_choice=chat_pb2.ToolChoice(mode="none"), response_format=fmt, seed=seed,
                  max_tokens=120) for seed in range(5)]

@@ -118,6 +118,15 @@ def test_tokenize_needs_exactly_one_input(server: Any) -> None:
         validate_tokenize(both, server.registry, LIMITS)
     _, tokens = validate_tokenize(chat_pb2.TokenizeRequest(model="demo", text="x"), server.registry, LIMITS)
     assert tokens
+    tools = [chat_pb2.Tool(type="function", function=chat_pb2.FunctionDefinition(name="ping"))]
+    with pytest.raises(ServiceError) as e:
+        validate_tokenize(chat_pb2.TokenizeRequest(model="demo", text="x", tools=tools), server.registry, LIMITS)
+    assert [v.field for v in e.value.violations] == ["tools"], "tools are rendered with messages only"
+    chat_only = chat_pb2.TokenizeRequest(model="demo", messages=[chat_pb2.ChatMessage(role="user", content="x")])
+    _, plain = validate_tokenize(chat_only, server.registry, LIMITS)
+    chat_only.tools.extend(tools)
+    _, with_tools = validate_tokenize(chat_only, server.registry, LIMITS)
+    assert len(with_tools) > len(plain), "the tools reach the prompt"
 
 
 def test_defaults_when_unset(server: Any) -> None:

@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.backends.base import (
     Finished,
@@ -28,6 +29,11 @@ from service.config import EngineConfig
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.repository.manifest import load_manifest
 from tests.helpers import running_server, server_config
+
+
+def gauges(response: httpx.Response) -> dict[str, float]:
+    return {sample.name: sample.value for family in text_string_to_metric_families(response.text)
+            for sample in family.samples if sample.labels.get("model_name") == "demo"}
 
 PROMPT = [0, 2, 1100, 3, 271, 40, 1002, 333, 400, 17, 4, 2, 78, 3, 271]
 
@@ -121,6 +127,7 @@ async def test_a_dead_engine_process_fails_streams_and_flips_health(engines_dir:
         calls = [stub.StreamChatCompletion(request) for _ in range(3)]
         for call in calls:
             await call.read()
+        assert gauges(await http.get("/metrics"))["vllm:num_requests_running"] == 3
         os.kill(srv.registry.get("demo").engine._process.pid, signal.SIGKILL)
         for call in calls:
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -142,3 +149,6 @@ async def test_a_dead_engine_process_fails_streams_and_flips_health(engines_dir:
             await stub.CreateChatCompletion(request, timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (await http.get("/health/ready")).status_code == 503
+        # The autoscaler reads these: a dead engine runs nothing and has nothing waiting.
+        metrics = gauges(await http.get("/metrics"))
+        assert metrics["vllm:num_requests_running"] == metrics["vllm:num_requests_waiting"] == 0, metrics

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.report import BEGIN, END, goals, update_doc
+from bench.floor import floor_note, weight_bytes
+from bench.report import BEGIN, END, goals, markers, update_doc
 from service.cli import main as cli_main
 from service.loadgen.clients import OpenAIClient, Target
 from service.loadgen.metrics import RequestRecord, parse_slos, percentile, summarize
@@ -191,3 +192,25 @@ def test_record_goals_and_doc_section(tmp_path: Path) -> None:
     update_doc(doc, [], Path("bench/results/x.json"))
     text = doc.read_text()
     assert "before" in text and "after" in text and "old" not in text and "bench/results/x.json" in text
+
+
+def test_each_models_record_has_its_own_section(tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\n{BEGIN}\ndemo record\n{END}\n\nafter\n")
+    note = "Weight-read floor at 1 stream: ..."
+    update_doc(doc, [], Path("bench/results/y.json"), "smollm2-135m-instruct", (note,))
+    update_doc(doc, [], Path("bench/results/z.json"), "smollm2-135m-instruct", (note,))  # rewritten in place
+    text = doc.read_text()
+    begin, end = markers("smollm2-135m-instruct")
+    assert "demo record" in text and "after" in text and text.count(begin) == text.count(end) == 1
+    assert note in text.partition(begin)[2] and "bench/results/z.json" in text and "y.json" not in text
+
+
+def test_the_floor_is_the_weights_bytes_over_the_bandwidth(engines_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    checkpoint = engines_dir / "demo" / "checkpoint"
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    assert weight_bytes(checkpoint) == sum(t.numel() * t.element_size() for t in tensors.values())
+    line = floor_note(500_000_000, 25e9, {"llmserve-grpc": 60.0})[0]
+    assert "500 MB of weights / 25.0 GB/s" in line and "**20.0 ms a token**" in line and "(3.0x the floor)" in line

@@ -279,7 +279,7 @@ def test_rest_deep_json_and_enormous_bodies(fuzzed: Fuzzed) -> None:
               "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
     assert_openai_error(fuzzed.http.post("/v1/chat/completions", json=nested), {400})
     huge = {"model": "demo", "messages": [{"role": "user", "content": "x" * 5_000_000}]}
-    assert_openai_error(fuzzed.http.post("/v1/chat/completions", json=huge), {400})
+    assert_openai_error(fuzzed.http.post("/v1/chat/completions", json=huge), {413})
 
 
 @FUZZ

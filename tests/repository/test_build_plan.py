@@ -170,6 +170,27 @@ def test_build_engine_plan_cli() -> None:
     assert "needs 4 x H100-80GB (--gpus 4)" in refused.stderr
 
 
+@pytest.mark.parametrize(("given", "target"), [
+    ("meta-llama/Llama-3.1-70B-Instruct", "llama-3.1-70b-instruct"),
+    ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b-instruct"),
+    ("Llama-3.1-70B-Instruct", "llama-3.1-70b-instruct"),
+    ("meta-llama/Llama-2-70b-chat-hf", "llama-2-70b-chat"),
+    ("codellama/CodeLlama-70b-Instruct-hf", "codellama-70b-instruct"),
+    ("nvidia/Llama-3.1-Nemotron-70B-Instruct-HF", "llama-3.1-nemotron-70b-instruct"),
+    ("LLAMA-3.1-70B-INSTRUCT", "llama-3.1-70b-instruct"),
+])
+def test_hugging_face_ids_name_the_target_models(given: str, target: str) -> None:
+    assert load_arch(given) == TARGET_MODELS[target]
+
+
+def test_build_engine_plan_takes_a_hugging_face_id() -> None:
+    done = _build_engine("--plan", "--model", "meta-llama/Llama-3.1-70B-Instruct", "--gpu", "H100-80GB", "--gpus", "2")
+    assert done.returncode == 0, done.stderr
+    assert "profile            sm90-fp8-tp2" in done.stdout
+    unknown = _build_engine("--plan", "--model", "meta-llama/Llama-9-70B", "--gpu", "H100-80GB")
+    assert unknown.returncode == 2 and "meta-llama/Llama-3.1-70B-Instruct" in unknown.stderr
+
+
 @pytest.mark.skipif(bool(detect_gpus()), reason="a GPU is present: the gpu-marked tests build for real")
 def test_engine_build_without_a_gpu_fails_clearly(tmp_path: Path) -> None:
     """The build stops at GPU detection, before importing TensorRT-LLM, and says how to plan instead."""

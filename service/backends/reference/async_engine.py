@@ -35,6 +35,7 @@ from service.backends.base import (
     GenerationRequest,
     ProfileInfo,
     QueueFull,
+    StructuredOutputSupport,
 )
 from service.backends.reference.core import EngineCore
 from service.backends.reference.loop import STOP, Command, EngineLoop, Posted
@@ -69,6 +70,10 @@ class ReferenceEngine(Engine):
     def profile(self) -> ProfileInfo:
         assert self._profile is not None, "start() first"
         return self._profile
+
+    @property
+    def structured_output(self) -> StructuredOutputSupport:
+        return StructuredOutputSupport(closes_within_max_tokens=True)
 
     @property
     def core(self) -> EngineCore:
@@ -194,10 +199,6 @@ class ReferenceEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if not self._health.ok:
             raise EngineError(f"engine unavailable: {self._health.detail}", fatal=True)
-        if self._core is not None and request.guided is not None:
-            # Compiled here, off the event loop and off the engine thread, so the loop finds it cached; in the
-            # engine process it compiles on arrival. Either way the loop refuses what cannot run.
-            await asyncio.to_thread(self._core.guides.check, request.guided)
         waiting = self._queued()
         if waiting >= self._config.max_queue:
             raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self._config.max_queue})")

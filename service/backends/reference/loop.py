@@ -12,15 +12,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.backends.base import EngineError, Event, InvalidRequest
-from service.backends.reference.core import Emitted, EngineCore, StepFailed
+from service.backends.base import EngineError, InvalidRequest
+from service.backends.reference.core import EngineCore, Posted, StepFailed
 
 log = logging.getLogger("llmserve.engine.reference")
 
 STOP = ("stop", None)
 MAX_CONSECUTIVE_FAILURES = 3
+COMPILE_POLL = 0.01  # seconds between looks at compiling grammars while nothing runs
 
-Posted = list[tuple[str, Event | BaseException]]
 Command = tuple[str, Any]   # ("add", GenerationRequest) | ("abort", request id) | STOP
 
 
@@ -41,8 +41,9 @@ class EngineLoop:
         failures = 0
         while True:
             out: Posted = []
-            # Block while nothing runs: for ever when idle, briefly (for deadlines) when requests wait.
-            command = self._receive(0 if core.scheduler.running else 0.05 if core.has_work() else None)
+            # Block while nothing runs: for ever when idle, briefly when requests wait (for grammars, deadlines).
+            command = self._receive(0 if core.scheduler.running else COMPILE_POLL if len(core.compiling)
+                                    else 0.05 if core.has_work() else None)
             received = command is not None
             while command is not None:
                 if command == STOP:
@@ -50,7 +51,9 @@ class EngineLoop:
                     return
                 out += self._apply(command)
                 command = self._receive(0)
-            out += core.expire(time.monotonic())
+            now = time.monotonic()
+            out += core.admit_compiled(now)
+            out += core.expire(now)
             try:
                 out += core.step()
                 failures = 0
@@ -67,7 +70,7 @@ class EngineLoop:
             if out or received:  # after commands too: stats read from posts must see them
                 self._post(out)
 
-    def _apply(self, command: Command) -> Emitted | Posted:
+    def _apply(self, command: Command) -> Posted:
         kind, arg = command
         if kind == "add":
             self.applied += 1

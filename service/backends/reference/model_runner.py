@@ -22,7 +22,9 @@ def _dtype(name: str, checkpoint: Path, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cpu":
             return torch.float32  # CPUs have no fast half-precision matmuls
-        name = json.loads((checkpoint / "config.json").read_text()).get("torch_dtype", "bfloat16")
+        config = json.loads((checkpoint / "config.json").read_text())
+        # Published checkpoints say torch_dtype; transformers 5 writes dtype.
+        name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

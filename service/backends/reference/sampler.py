@@ -16,6 +16,16 @@ from service.backends.base import TokenLogprob, TopToken
 from service.backends.reference.sequence import Sequence
 
 
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """OpenAI's logit_bias: added to the row's logits, after a grammar's mask (-inf stays -inf, so a bias cannot
+    undo what constrained decoding forbids) and before penalties, temperature and filters."""
+    for i, s in enumerate(seqs):
+        if s.params.logit_bias:
+            ids = torch.tensor([t for t, _ in s.params.logit_bias], device=logits.device)
+            bias = torch.tensor([b for _, b in s.params.logit_bias], dtype=logits.dtype, device=logits.device)
+            logits[i].index_add_(0, ids, bias)
+
+
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty
             or s.params.repetition_penalty != 1.0]
@@ -81,17 +91,26 @@ def _logprobs(raw: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> lis
     return out
 
 
+def _reviewed(tokens: list[int], seqs: list[Sequence]) -> list[int]:
+    """Each row's token after its processors' review (a grammar closing the output within max_tokens)."""
+    for i, s in enumerate(seqs):
+        for processor in s.logits_processors:
+            tokens[i] = processor.review(tokens[i])
+    return tokens
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of logits [B, V] (float32, modified in place), and its logprobs when asked."""
     raw = logits.clone() if any(s.params.logprobs for s in seqs) else logits
     for i, s in enumerate(seqs):
         for processor in s.logits_processors:
             processor.apply(logits[i])
+    _apply_logit_bias(logits, seqs)
     _apply_penalties(logits, seqs)
     temps = [s.params.temperature for s in seqs]
     greedy = [i for i, t in enumerate(temps) if t == 0.0]
     if len(greedy) == len(seqs):
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = _reviewed(logits.argmax(dim=-1).tolist(), seqs)
         return tokens, _logprobs(raw, tokens, seqs)
     tokens = [0] * len(seqs)
     if greedy:
@@ -109,4 +128,5 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         picked = order.gather(1, picked)
     for i, t in zip(rows, picked.squeeze(1).tolist(), strict=True):
         tokens[i] = t
+    tokens = _reviewed(tokens, seqs)
     return tokens, _logprobs(raw, tokens, seqs)

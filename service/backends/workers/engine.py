@@ -43,7 +43,7 @@ from service.backends.base import (
 )
 from service.backends.choices import Choices
 from service.backends.grammar import json_banned_tokens, schema_text
-from service.backends.vocab import eos_token_ids, token_byte_table
+from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_table
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.call import CANCELLED, DEADLINE, WorkerCall
 from service.backends.workers.errors import INVALID, invalid_field, retryable
@@ -97,6 +97,7 @@ class WorkerEngine(Engine):
         self._info: ModelInfo | None = None
         self._table: list[bytes] = []
         self._eos: set[int] = set()
+        self._special: frozenset[int] = frozenset()
         self._json_banned: tuple[int, ...] = ()
         self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -133,6 +134,7 @@ class WorkerEngine(Engine):
             await fetch_tokenizer(first.client, self.name, checkpoint, self._config.worker_probe_timeout * 10)
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, checkpoint)
         self._eos = eos_token_ids(checkpoint, self.tokenizer) | set(info.eos_token_ids)
+        self._special = special_token_ids(self.tokenizer)
         table = token_byte_table(self.tokenizer)
         self._table = table + [b""] * max(0, info.vocab_size - len(table))   # ids past the tokenizer: no text
         self._json_banned = tuple(json_banned_tokens(self._table))
@@ -163,7 +165,7 @@ class WorkerEngine(Engine):
         if self._router is None or self._stopped:
             raise Unavailable(f"model {self.name!r} is not being served")
         replicate = request.n > 1 and request.sampling.temperature == 0
-        choices = Choices(request, self._table, self._eos)
+        choices = Choices(request, self._table, self._eos, self._special)
         if request.request_id in self._live:
             request.request_id = f"{request.request_id}-{id(request):x}"
         live = self._live[request.request_id] = _Live()

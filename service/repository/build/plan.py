@@ -82,6 +82,28 @@ TARGET_MODELS: dict[str, ModelArch] = {
 }
 
 
+# The Hugging Face ids people name the target models by (their repositories' current and former names), and the
+# short forms they are written in without the organisation: each maps to the target model's short name.
+HF_IDS: dict[str, str] = {
+    "codellama/CodeLlama-70b-Instruct-hf": "codellama-70b-instruct",
+    "meta-llama/CodeLlama-70b-Instruct-hf": "codellama-70b-instruct",
+    "meta-llama/Llama-2-70b-chat-hf": "llama-2-70b-chat",
+    "meta-llama/Llama-2-70b-chat": "llama-2-70b-chat",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b-instruct",
+    "meta-llama/Meta-Llama-3.1-70B-Instruct": "llama-3.1-70b-instruct",
+    "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF": "llama-3.1-nemotron-70b-instruct",
+    "nvidia/Llama-3.1-Nemotron-70B-Instruct": "llama-3.1-nemotron-70b-instruct",
+}
+_ALIASES = {alias.lower(): name for hf_id, name in HF_IDS.items() for alias in (hf_id, hf_id.split("/")[1])}
+
+
+def target_model(model: str) -> ModelArch | None:
+    """The target model a short name, a Hugging Face id or its name without the organisation means (any case)."""
+    key = model.lower()
+    name = key if key in TARGET_MODELS else _ALIASES.get(key)
+    return TARGET_MODELS[name] if name else None
+
+
 def _positive_int(config: dict[str, Any], key: str, where: str) -> int:
     value = config.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -114,14 +136,15 @@ def arch_from_config(config: dict[str, Any], name: str, where: str = "config.jso
 
 
 def load_arch(model: str) -> ModelArch:
-    """One of the target model ids, or a checkpoint folder (or its config.json)."""
-    if model in TARGET_MODELS:
-        return TARGET_MODELS[model]
+    """A checkpoint folder (or its config.json), or one of the target models by name or Hugging Face id."""
     path = Path(model)
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
-        raise PlanError(f"--model: {model!r} is neither a checkpoint folder with config.json nor a target model id "
-                        f"({', '.join(TARGET_MODELS)})")
+        target = target_model(model)
+        if target is None:
+            raise PlanError(f"--model: {model!r} is neither a checkpoint folder with config.json nor a target model "
+                            f"({', '.join(TARGET_MODELS)}, or their Hugging Face ids: {', '.join(HF_IDS)})")
+        return target
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
@@ -147,7 +170,8 @@ def checkpoint_precision(folder: Path) -> str:
     quant_method = (config.get("quantization_config") or {}).get("quant_method")
     if quant_method in ("fp8", "modelopt"):
         return "fp8"
-    return "fp16" if config.get("torch_dtype") == "float16" else "bf16"
+    # Published checkpoints say torch_dtype; transformers 5 writes dtype.
+    return "fp16" if (config.get("torch_dtype") or config.get("dtype")) == "float16" else "bf16"
 
 
 def pytorch_dtype(folder: Path, requested: str) -> str:

@@ -29,6 +29,12 @@ def check_checkpoint(src: Path) -> dict:
     return config
 
 
+def _owner(config: dict) -> str:
+    """Where the checkpoint came from, as its config records it: `_name_or_path` (transformers 4),
+    `_model_name_or_path` (transformers 5); "local" when neither says."""
+    return str(config.get("_name_or_path") or config.get("_model_name_or_path") or "local")
+
+
 def import_checkpoint(src: Path, name: str, engines_dir: Path) -> ModelManifest:
     src = src.resolve()
     config = check_checkpoint(src)
@@ -39,7 +45,7 @@ def import_checkpoint(src: Path, name: str, engines_dir: Path) -> ModelManifest:
     (root / "checkpoint").symlink_to(src, target_is_directory=True)
     manifest = ModelManifest(root=root, name=name, backend="reference",
                              context_length=int(config.get("max_position_embeddings", 4096)),
-                             checkpoint=root / "checkpoint", owned_by=config.get("_name_or_path", "") or "local")
+                             checkpoint=root / "checkpoint", owned_by=_owner(config))
     write_manifest(manifest)
     print(f"added {src} as model {name!r} in {root}")
     return manifest
