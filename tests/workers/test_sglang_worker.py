@@ -96,6 +96,23 @@ async def test_json_object_goes_as_the_object_schema_with_control_tokens_banned(
     assert p.logit_bias and set(p.logit_bias.values()) == {-100.0} and all(k.isdigit() for k in p.logit_bias)
 
 
+async def test_regex_choice_and_logit_bias_are_mapped(gw: object, sglang_worker: FakeSglangWorker) -> None:
+    async def sent(**fields: object) -> object:
+        await gw.stub.CreateChatCompletion(chat(max_tokens=8, temperature=0, **fields))  # type: ignore[attr-defined]
+        return last(sglang_worker).sampling_params
+
+    p = await sent(structured_outputs=chat_pb2.StructuredOutputs(regex="[a-z]+"))
+    assert (p.WhichOneof("constraint"), p.regex) == ("regex", "[a-z]+")
+    p = await sent(structured_outputs=chat_pb2.StructuredOutputs(choice=["alpha", "beta"]))   # no choice field
+    assert (p.WhichOneof("constraint"), p.ebnf_grammar) == ("ebnf_grammar", 'root ::= "alpha" | "beta"')
+    p = await sent(logit_bias={42: 100.0})
+    assert dict(p.logit_bias) == {"42": 100.0} and not p.WhichOneof("constraint")
+    # A ban under a JSON document wins over the request's own bias for the same token.
+    banned = next(iter((await sent(response_format=chat_pb2.ResponseFormat(type="json_object"))).logit_bias))
+    p = await sent(logit_bias={int(banned): 50.0, 42: 3.0}, response_format=chat_pb2.ResponseFormat(type="json_object"))
+    assert p.logit_bias[banned] == -100.0 and p.logit_bias["42"] == 3.0
+
+
 async def test_cancel_aborts_and_cancels_the_call(gw: object, sglang_worker: FakeSglangWorker) -> None:
     sglang_worker.step = 0.05
     try:

@@ -97,6 +97,9 @@ async def test_stream_equals_unary_and_ignore_eos(gw: object, trt_worker: FakeTr
     assert streamed == unary.choices[0].message.content == SCRIPT
     reply = await gw.stub.CreateChatCompletion(chat(max_tokens=64, ignore_eos=True))  # type: ignore[attr-defined]
     assert last(trt_worker).ignore_eos and not last(trt_worker).stop_token_ids
+    assert reply.choices[0].message.content == SCRIPT   # a special token's text is skipped, as by default
+    reply = await gw.stub.CreateChatCompletion(  # type: ignore[attr-defined]
+        chat(max_tokens=64, ignore_eos=True, skip_special_tokens=False))
     assert reply.choices[0].message.content == SCRIPT + "<|eot_id|>"   # EOS is text once it does not stop
 
 
@@ -143,6 +146,27 @@ async def test_response_format_and_forced_tools_reach_guided_decoding(
     sent = last(trt_worker)
     assert sent.guided_decoding.guide_type == trt_pb_guide("GUIDE_TYPE_JSON_SCHEMA")
     assert json.loads(sent.guided_decoding.guide)["properties"]["name"] == {"const": "f"}
+
+
+async def test_regex_choice_grammar_and_logit_bias_reach_the_runtime(
+        gw: object, trt_worker: FakeTrtllmWorker) -> None:
+    async def sent(**fields: object) -> trt_pb.GenerateRequest:
+        await gw.stub.CreateChatCompletion(chat(max_tokens=8, **fields))  # type: ignore[attr-defined]
+        return last(trt_worker)
+
+    regex = await sent(structured_outputs=chat_pb2.StructuredOutputs(regex="(yes|no)[0-9]{3}"))
+    assert (regex.guided_decoding.guide_type, regex.guided_decoding.guide) == (
+        trt_pb_guide("GUIDE_TYPE_REGEX"), "(yes|no)[0-9]{3}")
+    assert not regex.bad_token_ids   # a regex may write any character it matches
+    choice = await sent(structured_outputs=chat_pb2.StructuredOutputs(choice=["alpha", "beta"]))
+    assert choice.guided_decoding.guide_type == trt_pb_guide("GUIDE_TYPE_EBNF_GRAMMAR")
+    assert choice.guided_decoding.guide == 'root ::= "alpha" | "beta"'
+    grammar = await sent(structured_outputs=chat_pb2.StructuredOutputs(grammar='root ::= "ab" [0-9]+'))
+    assert (grammar.guided_decoding.guide_type, grammar.guided_decoding.guide) == (
+        trt_pb_guide("GUIDE_TYPE_EBNF_GRAMMAR"), 'root ::= "ab" [0-9]+')
+    biased = await sent(logit_bias={42: 100.0, 7: -5.5})
+    bias = list(biased.embedding_bias)
+    assert len(bias) == 4096 and (bias[42], bias[7]) == (100.0, -5.5) and sum(map(abs, bias)) == 105.5
 
 
 def trt_pb_guide(name: str) -> int:

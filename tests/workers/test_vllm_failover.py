@@ -60,7 +60,7 @@ async def test_workers_share_load_fail_over_and_come_back(engines_dir: Path, vll
     try:
         async with gateway_for(engines_dir, [a, b]) as (server, stub, health):
             engine = server.registry.get("demo").engine  # type: ignore[attr-defined]
-            calls = [stub.StreamChatCompletion(chat(f"Stream {i}", max_tokens=120, ignore_eos=True, seed=i))
+            calls = [stub.StreamChatCompletion(chat(f"Stream {i}", max_tokens=400, ignore_eos=True, seed=i))
                      for i in range(8)]
             await asyncio.wait_for(asyncio.gather(*(started(c) for c in calls)), timeout=120)
             on = {w.address: w.in_flight for w in engine.workers()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import grpc
@@ -143,6 +144,26 @@ async def test_json_schema_output_validates(gateway_stub: chat_pb2_grpc.ChatServ
         if reply.choices[0].finish_reason == FR.FINISH_REASON_STOP:
             objects += isinstance(json.loads(reply.choices[0].message.content), dict)
     assert objects
+
+
+async def test_regex_choice_grammar_and_logit_bias(gateway_stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    async def text(**fields: object) -> str:
+        reply = await gateway_stub.CreateChatCompletion(chat("Answer", max_tokens=12, seed=3, **fields))
+        return reply.choices[0].message.content
+
+    assert re.fullmatch("(yes|no)[0-9]{3}", await text(
+        structured_outputs=chat_pb2.StructuredOutputs(regex="(yes|no)[0-9]{3}")))
+    assert await text(structured_outputs=chat_pb2.StructuredOutputs(choice=["alpha", "beta", "gamma"])) in {
+        "alpha", "beta", "gamma"}
+    assert re.fullmatch("ab[0-9][0-9]!", await text(
+        structured_outputs=chat_pb2.StructuredOutputs(grammar='root ::= "ab" [0-9] [0-9] "!"')))
+    # A token biased by +100 is sampled at every step.
+    tokens = await gateway_stub.Tokenize(chat_pb2.TokenizeRequest(model="demo", text=" maybe"))
+    forced = tokens.tokens[-1]
+    reply = await gateway_stub.CreateChatCompletion(chat("Answer", max_tokens=5, seed=3, logprobs=True,
+                                                         logit_bias={forced: 100.0}))
+    ids = [t.token for t in reply.choices[0].logprobs.content]
+    assert len(ids) == 5 and len(set(ids)) == 1
 
 
 async def test_forced_tool_call(gateway_stub: chat_pb2_grpc.ChatServiceStub) -> None:

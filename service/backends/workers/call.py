@@ -36,7 +36,8 @@ _END = object()       # the worker ended the stream
 
 class WorkerCall:
     def __init__(self, worker: Worker, request: GenerationRequest, n: int, stop_token_ids: tuple[int, ...],
-                 banned_token_ids: tuple[int, ...], spawn: Callable[[Any], None], abort_timeout: float) -> None:
+                 banned_token_ids: tuple[int, ...], vocab_size: int, spawn: Callable[[Any], None],
+                 abort_timeout: float) -> None:
         self.worker = worker
         self.received = False     # a response came: the request started, so it is not retried elsewhere
         self._id = f"{request.request_id}-{secrets.token_hex(4)}"   # unique per attempt: Abort must name one call
@@ -48,7 +49,8 @@ class WorkerCall:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._held: Any = None    # a mark or error taken from the queue behind answers, for the next call
         worker.in_flight += 1
-        self._call = worker.client.generate(WorkerRequest(request, self._id, n, stop_token_ids, banned_token_ids))
+        self._call = worker.client.generate(WorkerRequest(request, self._id, n, stop_token_ids, banned_token_ids,
+                                                                 vocab_size))
         self._reading = asyncio.ensure_future(self._read())
         self._timer = None if request.deadline is None else asyncio.get_running_loop().call_later(
             max(0.0, request.deadline - time.monotonic()), self._queue.put_nowait, DEADLINE)

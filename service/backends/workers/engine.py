@@ -42,7 +42,7 @@ from service.backends.base import (
     WorkerStatus,
 )
 from service.backends.choices import Choices
-from service.backends.grammar import json_banned_tokens, schema_text
+from service.backends.grammar import json_banned_tokens, json_document
 from service.backends.vocab import eos_token_ids, special_token_ids, token_byte_table
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.call import CANCELLED, DEADLINE, WorkerCall
@@ -207,14 +207,14 @@ class WorkerEngine(Engine):
         assert self._router is not None
         hashes = block_hashes(request.prompt_token_ids)
         stop = () if request.sampling.ignore_eos else tuple(sorted(self._eos))
-        json_schema = request.guided is not None and schema_text(request.guided) is not None
-        banned = self._json_banned if json_schema else ()
+        vocab = self._info.vocab_size if self._info is not None and self._info.vocab_size else len(self._table)
+        banned = self._json_banned if request.guided is not None and json_document(request.guided) else ()
         tried: list[Worker] = []
         failures: list[str] = []
         busy = False
         while (worker := self._router.pick(hashes, tried)) is not None:
             tried.append(worker)
-            call = live.call = WorkerCall(worker, request, n, stop, banned, self._spawn,
+            call = live.call = WorkerCall(worker, request, n, stop, banned, vocab, self._spawn,
                                           self._config.worker_probe_timeout)
             if live.cancelled:
                 call.cancel()

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import grpc
 from smg_grpc_proto.generated import common_pb2
 
-from service.backends.base import GenerationRequest
+from service.backends.base import GenerationRequest, GuidedDecoding
+from service.backends.grammar import grammar_text, schema_text
 from service.backends.workers.address import WorkerAddress
 
 # Worker finish reasons that end a choice as asked. Any other ("abort", "error", TensorRT-LLM's "cancelled" or
@@ -39,7 +40,8 @@ class WorkerRequest:
     request_id: str                      # the worker's: unique per attempt, so an Abort names one call
     n: int                               # choices asked of the worker
     stop_token_ids: tuple[int, ...]      # end-of-turn tokens (none when the request ignores EOS)
-    banned_token_ids: tuple[int, ...]    # never to be sampled (raw control characters under a JSON schema)
+    banned_token_ids: tuple[int, ...]    # never to be sampled (raw control characters in a JSON document)
+    vocab_size: int                      # the worker's (GetModelInfo), for a dense bias
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,30 @@ class WorkerClient(abc.ABC):
         them); the stub's GetTokenizer is the same common.proto RPC for every kind that has one."""
         call = self.stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=timeout)  # type: ignore[attr-defined]
         return [chunk async for chunk in call]
+
+
+def constraint(guided: GuidedDecoding, choice: bool) -> tuple[str, str | tuple[str, ...]]:
+    """The one form a worker is sent for `guided`: ("json_schema", schema text), ("regex", pattern), ("choice",
+    strings) where the kind takes a choice as it is (`choice`), else ("grammar", xgrammar EBNF): an EBNF grammar,
+    a choice written as one, or a schema between tags (a Hermes-style forced call). json_object goes as the schema
+    {"type": "object"}, as the reference engine compiles it (a JSON-object form would admit a top-level array)."""
+    schema = schema_text(guided)
+    if schema is not None:
+        return "json_schema", schema
+    if guided.regex is not None:
+        return "regex", guided.regex
+    if choice and guided.choice is not None:
+        return "choice", guided.choice
+    grammar = grammar_text(guided)
+    assert grammar is not None, guided
+    return "grammar", grammar
+
+
+def logit_bias(w: WorkerRequest) -> dict[int, float]:
+    """The request's own logit_bias with the banned tokens at BAN_BIAS over it: a ban is never lifted."""
+    bias = dict(w.request.sampling.logit_bias)
+    bias.update(dict.fromkeys(w.banned_token_ids, BAN_BIAS))
+    return bias
 
 
 def scheduler_load(loads: Iterable[Any]) -> Load:

@@ -18,15 +18,15 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
-from service.backends.grammar import schema_text
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.protocol import (
-    BAN_BIAS,
     Load,
     ModelInfo,
     StreamReader,
     WorkerClient,
     WorkerRequest,
+    constraint,
+    logit_bias,
     scheduler_load,
 )
 from service.backends.workers.vllm import DeltaReader
@@ -39,14 +39,11 @@ def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_tokens, stop=list(s.stop),
         ignore_eos=s.ignore_eos, n=w.n, no_stop_trim=True, stop_token_ids=w.stop_token_ids,
-        logit_bias={str(t): BAN_BIAS for t in w.banned_token_ids},   # keys are token ids written as text
+        logit_bias={str(t): b for t, b in logit_bias(w).items()},   # keys are token ids written as text
     )
     if request.guided is not None:
-        schema = schema_text(request.guided)
-        if schema is not None:
-            params.json_schema = schema
-        elif request.guided.ebnf is not None:
-            params.ebnf_grammar = request.guided.ebnf
+        form, value = constraint(request.guided, choice=False)
+        setattr(params, "ebnf_grammar" if form == "grammar" else form, value)
     return pb.GenerateRequest(
         request_id=w.request_id, tokenized=pb.TokenizedInput(input_ids=request.prompt_token_ids),
         sampling_params=params, stream=True, logprob_start_len=-1,

@@ -22,7 +22,6 @@ import grpc
 from smg_grpc_proto import trtllm_service_pb2 as pb
 from smg_grpc_proto import trtllm_service_pb2_grpc as pb_grpc
 
-from service.backends.grammar import schema_text
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.protocol import (
     ModelInfo,
@@ -31,9 +30,12 @@ from service.backends.workers.protocol import (
     TokenLogprobs,
     WorkerClient,
     WorkerRequest,
+    constraint,
 )
 
 _GUIDE = pb.GuidedDecodingParams
+_GUIDE_TYPES = {"json_schema": _GUIDE.GUIDE_TYPE_JSON_SCHEMA, "regex": _GUIDE.GUIDE_TYPE_REGEX,
+                "grammar": _GUIDE.GUIDE_TYPE_EBNF_GRAMMAR}
 
 
 def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
@@ -58,12 +60,15 @@ def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
     )
     if s.logprobs:
         out.output_config.logprobs = max(1, s.top_logprobs)
+    if s.logit_bias:   # the runtime adds embedding_bias to the logits, as the reference engine adds logit_bias
+        bias = [0.0] * w.vocab_size
+        for token, value in s.logit_bias:
+            bias[token] = value
+        out.embedding_bias.extend(bias)
     if request.guided is not None:
-        schema = schema_text(request.guided)
-        if schema is not None:
-            out.guided_decoding.CopyFrom(_GUIDE(guide_type=_GUIDE.GUIDE_TYPE_JSON_SCHEMA, guide=schema))
-        elif request.guided.ebnf is not None:
-            out.guided_decoding.CopyFrom(_GUIDE(guide_type=_GUIDE.GUIDE_TYPE_EBNF_GRAMMAR, guide=request.guided.ebnf))
+        form, guide = constraint(request.guided, choice=False)
+        assert isinstance(guide, str)
+        out.guided_decoding.CopyFrom(_GUIDE(guide_type=_GUIDE_TYPES[form], guide=guide))
     return out
 
 

@@ -19,10 +19,8 @@ import grpc
 from smg_grpc_proto import vllm_engine_pb2 as pb
 from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 
-from service.backends.grammar import schema_text
 from service.backends.workers.address import WorkerAddress
 from service.backends.workers.protocol import (
-    BAN_BIAS,
     Load,
     ModelInfo,
     Output,
@@ -30,6 +28,8 @@ from service.backends.workers.protocol import (
     TokenLogprobs,
     WorkerClient,
     WorkerRequest,
+    constraint,
+    logit_bias,
     scheduler_load,
     top_logprobs_wanted,
 )
@@ -50,18 +50,18 @@ def generate_request(w: WorkerRequest) -> pb.GenerateRequest:
         frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
         repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, stop=list(s.stop),
         ignore_eos=s.ignore_eos, n=w.n, stop_token_ids=w.stop_token_ids,
-        logit_bias={t: BAN_BIAS for t in w.banned_token_ids},
+        logit_bias=logit_bias(w),
     )
     if s.seed is not None:
         params.seed = worker_seed(s.seed)
     if s.logprobs:
         params.logprobs = top_logprobs_wanted(request)
     if request.guided is not None:
-        schema = schema_text(request.guided)
-        if schema is not None:
-            params.json_schema = schema
-        elif request.guided.ebnf is not None:
-            params.grammar = request.guided.ebnf
+        form, value = constraint(request.guided, choice=True)
+        if form == "choice":
+            params.choice.choices.extend(value)
+        else:
+            setattr(params, form, value)
     return pb.GenerateRequest(request_id=w.request_id, stream=True, sampling_params=params,
                               tokenized=pb.TokenizedInput(input_ids=request.prompt_token_ids))
 
