@@ -40,6 +40,34 @@ class Arguments:
 Piece = Content | CallStart | Arguments
 
 
+class _JsonNesting:
+    """Follows a JSON value's strings and nesting character by character, so that its own closing brace is
+    found however the text streams in."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def step(self, ch: str) -> bool:
+        """Takes one character; True when it closed a container (then `depth` says which)."""
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self._in_string = False
+        elif ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+            return True
+        return False
+
+
 class CallParser(Protocol):
     called: bool  # whether the answer turned out to be a call
 
@@ -69,9 +97,7 @@ class Llama31JsonParser:
         self._state = "opening" if names else "content"
         self._scanned = 0  # of _held, by the object scan
         self._object_start = self._object_end = 0
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
+        self._nesting = _JsonNesting()
         self.called = False
 
     def feed(self, text: str) -> list[Piece]:
@@ -107,60 +133,10 @@ class Llama31JsonParser:
         """Follows the object's strings and nesting as it streams, up to its own closing brace; then only JSON
         whitespace may follow, or it is prose."""
         for i in range(self._scanned, len(self._held)):
-            ch = self._held[i]
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    self._state, self._object_end = "closed", i + 1
-                    return
+            if self._nesting.step(self._held[i]) and self._nesting.depth == 0:
+                self._state, self._object_end = "closed", i + 1
+                return
         self._scanned = len(self._held)
-
-
-# An answer that may be a call: spaces, an optional <|python_tag|>, JSON whitespace, then the object.
-_OPENING = regex.compile(rf" *(?:{regex.escape(PYTHON_TAG)})?[ \t\n\r]*\{{")
-_JSON_WHITESPACE = regex.compile(r"[ \t\n\r]*")
-
-
-def _call(text: str, names: set[str]) -> tuple[str, str] | None:
-    """(name, arguments' JSON text as written) when the object is a call of one of `names`."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or value.get("name") not in names:
-        return None
-    key = "parameters" if "parameters" in value else "arguments"
-    if not isinstance(value.get(key), dict):
-        return None
-    start, end = _member_spans(text)[key]
-    return value["name"], text[start:end]
-
-
-def _member_spans(text: str) -> dict[str, tuple[int, int]]:
-    """Where each member's value lies in a JSON object's text (which json.loads has accepted); the last of a
-    repeated key wins, as in json.loads."""
-    decoder, spans = json.JSONDecoder(), {}
-    i = _JSON_WHITESPACE.match(text, 1).end()
-    while text[i] != "}":
-        key, i = decoder.raw_decode(text, i)
-        i = _JSON_WHITESPACE.match(text, _JSON_WHITESPACE.match(text, i).end() + 1).end()  # past the colon
-        _, end = decoder.raw_decode(text, i)
-        spans[key] = (i, end)
-        i = _JSON_WHITESPACE.match(text, end).end()
-        if text[i] == ",":
-            i = _JSON_WHITESPACE.match(text, i + 1).end()
-    return spans
 
 
 # An answer that may be a call: spaces, an optional <|python_tag|>, JSON whitespace, then the object.
@@ -216,9 +192,7 @@ class HermesParser:
             rf'"(?:arguments|parameters)"\s*:\s*')
         self._held = ""
         self._state = "deciding" if names else "content"
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
+        self._nesting = _JsonNesting()
         self.called = False
 
     def feed(self, text: str) -> list[Piece]:
@@ -251,24 +225,12 @@ class HermesParser:
 
     def _arguments(self, text: str) -> list[Piece]:
         """Scans the arguments' JSON: strings and nesting, so that the object's own closing brace ends it."""
-        if self._depth == 0:
+        if self._nesting.depth == 0:
             text = text.lstrip()  # between the opening's colon and the value
         for i, ch in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth <= 0:  # below 0: the call's own brace, after arguments that were not an object
-                    self._state = "done"
-                    end = i + 1 if self._depth == 0 else i
-                    return [Arguments(text[:end])] if end else []
+            if self._nesting.step(ch) and self._nesting.depth <= 0:
+                # Below 0: the call's own brace, after arguments that were not an object.
+                self._state = "done"
+                end = i + 1 if self._nesting.depth == 0 else i
+                return [Arguments(text[:end])] if end else []
         return [Arguments(text)] if text else []
