@@ -60,7 +60,7 @@ def free_port() -> int:
 class LlmserveServer:
     """`python -m service serve` of one model on loopback ports, in its own process group, stopped by PID."""
 
-    def __init__(self, model: str, log: Path, threads: int) -> None:
+    def __init__(self, model: str, log: Path, threads: int, *args: str) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         self._log = log.open("w")
         engines = PEERS_DIR / "engines" / model  # a repository holding this model alone
@@ -69,7 +69,7 @@ class LlmserveServer:
         (engines / model).symlink_to(ENGINES / model, target_is_directory=True)
         cmd = [sys.executable, "-m", "service", "serve", "--engines-dir", str(engines), "--host", "127.0.0.1",
                "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--log-level", "warning",
-               "--threads", str(threads)]
+               "--threads", str(threads), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

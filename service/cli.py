@@ -9,7 +9,7 @@ import sys
 from service import healthcheck
 from service.config import add_config_arguments, config_from_args
 from service.loadgen import runner as loadgen
-from service.repository import profiles
+from service.repository import profiles, trtllm_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +30,17 @@ def main(argv: list[str] | None = None) -> int:
                                   "machine (or --gpu/--gpus) would use",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     profiles.add_arguments(listing)
+    worker = commands.add_parser("trtllm-worker", help="run TensorRT-LLM's gRPC server (trtllm-serve --grpc) on "
+                                 "the profile of a model that fits this machine's GPUs, for --worker NAME=trtllm://...",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    trtllm_worker.add_arguments(worker)
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return healthcheck.main(args)
     if args.command == "profiles":
         return profiles.main(args)
+    if args.command == "trtllm-worker":
+        return trtllm_worker.main(args)
     if args.command == "bench":
         return loadgen.main(args)
     if args.command == "rest":

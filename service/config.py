@@ -21,7 +21,8 @@ ENV_PREFIX = "LLMSERVE_"
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A setting: its default and help text, plus extra argparse options (choices...)."""
+    """A setting: its default and help text, plus extra argparse options (choices...); `flag` names the flag
+    when the field's own name reads wrong on the command line (a repeatable --worker for `workers`)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -55,7 +56,7 @@ class EngineConfig:
 
 @dataclass
 class TrtllmConfig:
-    """In-flight batching settings handed to TensorRT-LLM's LLM API."""
+    """The TensorRT-LLM worker `llmserve trtllm-worker` runs: settings handed to TensorRT-LLM's LLM API."""
 
     trt_max_batch_size: int = opt(64, "TensorRT-LLM max batch size")
     trt_max_num_tokens: int = opt(8192, "TensorRT-LLM max tokens per step")
@@ -64,6 +65,19 @@ class TrtllmConfig:
     trt_chunked_prefill: bool = opt(True, "split long prefills across steps")
     trt_profile: str = opt("", "use this profile id instead of choosing one for the local GPUs (llmserve profiles "
                                "lists them)")
+
+
+@dataclass
+class WorkersConfig:
+    """Models served by gRPC workers (TensorRT-LLM, vLLM, SGLang): where they are and how they are watched."""
+
+    workers: list[str] = opt([], "a model's gRPC worker, NAME=KIND://HOST:PORT with KIND trtllm, vllm or sglang "
+                                 "(repeatable; a model may have several; env comma-separated)", flag="--worker")
+    worker_probe_interval: float = opt(1.0, "seconds between health and load probes of each worker")
+    worker_probe_timeout: float = opt(3.0, "seconds a probe may take before the worker counts as down")
+    worker_start_timeout: float = opt(600.0, "seconds to wait at start-up for the first worker of a model to answer")
+    worker_affinity_slack: int = opt(4, "requests that share a prompt prefix stay on one worker (its prefix cache) "
+                                        "unless it has this many more requests than the least loaded one")
 
 
 @dataclass
@@ -102,8 +116,8 @@ class ServerConfig:
 @dataclass
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
-    trtllm: TrtllmConfig = field(default_factory=TrtllmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
 
 def startup_problems(s: ServerConfig) -> list[str]:
@@ -166,11 +180,12 @@ def add_section(parser: argparse.ArgumentParser, section: type[Any]) -> None:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         env = os.environ.get(_env(f.name))
         meta = dict(f.metadata)
+        flag = meta.pop("flag", _flag(f.name))
         help_text = f"{meta.pop('help')} (env {_env(f.name)}; default: %(default)s)"
         if typing.get_origin(tp) is list:
             if env is not None:
                 default = [v for v in env.split(",") if v]
-            group.add_argument(_flag(f.name), dest=f.name, type=scalar, action="append", default=None,
+            group.add_argument(flag, dest=f.name, type=scalar, action="append", default=None,
                                help=help_text, **meta)
             group.set_defaults(**{f"_default_{f.name}": default})
             continue
@@ -180,7 +195,7 @@ def add_section(parser: argparse.ArgumentParser, section: type[Any]) -> None:
                     default = _parse_bool(env)
                 except argparse.ArgumentTypeError as e:
                     raise SystemExit(f"{_env(f.name)}: {e}") from None
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
             continue
         if env is not None:
@@ -188,11 +203,12 @@ def add_section(parser: argparse.ArgumentParser, section: type[Any]) -> None:
                 default = scalar(env)
             except ValueError:
                 raise SystemExit(f"{_env(f.name)}={env!r} is not a valid {scalar.__name__}") from None
-        group.add_argument(_flag(f.name), dest=f.name, type=scalar, default=default, help=help_text, **meta)
+        group.add_argument(flag, dest=f.name, type=scalar, default=default, help=help_text, **meta)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    for section in (ServerConfig, EngineConfig, TrtllmConfig):
+    """The settings of `llmserve serve` (and `rest`); the TensorRT-LLM worker's are `llmserve trtllm-worker`'s."""
+    for section in (ServerConfig, WorkersConfig, EngineConfig):
         add_section(parser, section)
 
 
@@ -209,6 +225,6 @@ def section_from_args(section: type[_Section], args: argparse.Namespace) -> _Sec
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         engine=section_from_args(EngineConfig, args),
-        trtllm=section_from_args(TrtllmConfig, args),
         server=section_from_args(ServerConfig, args),
+        workers=section_from_args(WorkersConfig, args),
     )

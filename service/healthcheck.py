@@ -1,8 +1,11 @@
-"""`llmserve healthcheck`: exit 0 when a server answers SERVING to gRPC health, for container HEALTHCHECKs."""
+"""`llmserve healthcheck`: exit 0 when a server answers SERVING to gRPC health, for container HEALTHCHECKs; with
+--worker, when a gRPC worker's own HealthCheck says healthy (TensorRT-LLM's worker serves no grpc.health.v1, so a
+Kubernetes probe of it runs this)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,13 +41,32 @@ def wait_serving(address: str, process: subprocess.Popen[Any], timeout: float,
     raise TimeoutError(f"the server at {address} was not SERVING after {timeout:.0f} s")
 
 
+async def check_worker(address: str, timeout: float) -> str:
+    """SERVING, or why not: the worker's own words, or the gRPC error code."""
+    from service.backends.workers.address import parse_address
+    from service.backends.workers.kinds import CLIENTS
+
+    worker = parse_address(address)
+    async with grpc.aio.insecure_channel(worker.target) as channel:
+        try:
+            ok, message = await CLIENTS[worker.kind](worker, channel).health(timeout)
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
+    return "SERVING" if ok else f"NOT_SERVING: {message}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="127.0.0.1:50051")
-    parser.add_argument("--service", default="", help="'' for the whole server, or llmserve.v1.ChatService")
+    parser.add_argument("--service", default="", help="'' for the process, llmserve.v1.ChatService for readiness, or "
+                        "a model's name for that model")
+    parser.add_argument("--worker", help="check this gRPC worker instead, KIND://HOST:PORT, by its own HealthCheck")
     parser.add_argument("--timeout", type=float, default=2.0)
 
 
 def main(args: argparse.Namespace) -> int:
-    status = check(args.address, args.service, args.timeout)
+    if args.worker:
+        status = asyncio.run(check_worker(args.worker, args.timeout))
+    else:
+        status = check(args.address, args.service, args.timeout)
     print(status)
     return 0 if status == "SERVING" else 1

@@ -10,6 +10,14 @@ is left with an error each (an error event and [DONE] on REST streams, 503 on
 REST calls), then exits 0. An engine that fails for good flips health to
 NOT_SERVING too, and its gauges read zero, so the orchestrator restarts the
 replica and the autoscaler does not count work that will never finish.
+
+gRPC health has three levels. "" is the process (liveness): SERVING unless
+loading, draining or failed for good. Each model's name is that model:
+SERVING while its engine can generate, which for a model served by gRPC
+workers is while one of them is in rotation; that comes and goes with the
+workers, and restarting llmserve would not help it. llmserve.v1.ChatService
+(readiness, and /health/ready) is SERVING while the process is and at least
+one model is: a replica whose models all lost their workers takes no traffic.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from service.admission import Admission, Phase
-from service.backends.base import EngineStats
+from service.backends.base import Engine
 from service.chat.completions import ChatCompletions
 from service.config import Config, startup_problems
 from service.gen.llmserve.v1 import chat_pb2_grpc
@@ -49,10 +57,7 @@ ENGINE_WATCH_INTERVAL = 0.25  # seconds between checks of the engines' health
 # the event loop waited up to that long at each of the many GIL takes a chunk costs, and streams stalled ~0.5 s.
 GIL_SWITCH_INTERVAL = 0.0005
 CUTOFF_SETTLE = 2.0  # seconds REST calls cut at the grace period's end get to write their error before HTTP stops
-_HEALTH = {Phase.LOADING: health_pb2.HealthCheckResponse.NOT_SERVING,
-           Phase.SERVING: health_pb2.HealthCheckResponse.SERVING,
-           Phase.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING,
-           Phase.UNHEALTHY: health_pb2.HealthCheckResponse.NOT_SERVING}
+_STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -89,16 +94,29 @@ class LlmServer:
                           else self._grpc.add_insecure_port(address))
         self._http: rest.HttpServer | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._published: dict[str, bool] = {}
 
-    def _engine_stats(self) -> list[tuple[str, EngineStats]]:
-        """What each engine reports; an engine that failed will run nothing more, so its counts are zero."""
-        return [(m.name, m.engine.stats() if m.engine.health().ok else EngineStats(0, 0, 0, 0))
-                for m in self.registry]
+    def _engines(self) -> list[tuple[str, Engine]]:
+        return [(m.name, m.engine) for m in self.registry]
 
     async def _set_phase(self, phase: Phase) -> None:
         self.admission.phase = phase
-        for service in ("", CHAT_SERVICE):
-            await self.health.set(service, _HEALTH[phase])
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        """Sets the process's, the chat service's and each model's health status where it changed."""
+        alive = self.admission.phase is Phase.SERVING
+        models = self.registry.serving()
+        statuses = {"": alive, CHAT_SERVICE: alive and any(models.values()),
+                    **{name: alive and ok for name, ok in models.items()}}
+        for service, ok in statuses.items():
+            if self._published.get(service) is ok:
+                continue
+            if alive and service in models and service in self._published:
+                (log.info if ok else log.warning)("model serving" if ok else "model not serving",
+                                                  extra={"model": service})
+            await self.health.set(service, _STATUS[ok])
+            self._published[service] = ok
 
     async def start(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -109,19 +127,23 @@ class LlmServer:
             await self._http.start()
         log.info("listening", extra={"grpc": self.grpc_port, "http": self.config.server.http_port})
         await self.registry.load()
-        ENGINE_GAUGES.sources.append(self._engine_stats)
+        ENGINE_GAUGES.sources.append(self._engines)
         await self._set_phase(Phase.SERVING)
         self._watcher = asyncio.create_task(self._watch_engines())
         log.info("serving", extra={"models": self.registry.names})
 
     async def _watch_engines(self) -> None:
-        """Runs until shutdown cancels it; engines report failure through health(), not by calling back."""
+        """Runs until shutdown cancels it; engines report failure through health(), not by calling back. An engine
+        that failed for good makes the process unhealthy; one that may recover (its workers) only its model."""
         while True:
             await asyncio.sleep(ENGINE_WATCH_INTERVAL)
-            failed = {m.name: health.detail for m in self.registry if not (health := m.engine.health()).ok}
+            failed = {m.name: health.detail for m in self.registry
+                      if not (health := m.engine.health()).ok and not health.recoverable}
             if failed and self.admission.phase is Phase.SERVING:
                 log.error("engine failed; not serving any more", extra={"engines": failed})
                 await self._set_phase(Phase.UNHEALTHY)
+            else:
+                await self._publish_health()
 
     async def shutdown(self) -> None:
         """Drains: running calls get the grace period to finish, then everything stops."""
@@ -136,8 +158,8 @@ class LlmServer:
         await self.admission.settled(CUTOFF_SETTLE)
         if self._http:
             await self._http.stop()
-        if self._engine_stats in ENGINE_GAUGES.sources:
-            ENGINE_GAUGES.sources.remove(self._engine_stats)
+        if self._engines in ENGINE_GAUGES.sources:
+            ENGINE_GAUGES.sources.remove(self._engines)
         await self.registry.shutdown()
         self.pool.shutdown()
 

@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service.config import Config, EngineConfig, ServerConfig
+from service.config import Config, EngineConfig, ServerConfig, WorkersConfig
 from service.gen.llmserve.v1 import chat_pb2
 from service.healthcheck import wait_serving
 
@@ -46,13 +46,19 @@ def server_config(engines_dir: Path, **server: object) -> Config:
     )
 
 
+def worker_config(engines_dir: Path, *workers: str, **settings: object) -> Config:
+    """A config serving the engines directory plus gRPC `workers` (NAME=KIND://HOST:PORT), with WorkersConfig
+    `settings`."""
+    return replace(server_config(engines_dir), workers=replace(WorkersConfig(), workers=list(workers), **settings))
+
+
 @asynccontextmanager
 async def running_server(config: Config) -> AsyncIterator[object]:
     from service.server import LlmServer
 
     server = LlmServer(config)
-    await server.start()
     try:
+        await server.start()   # a start that fails still shuts down what it started (ports, probes)
         yield server
     finally:
         await server.shutdown()

@@ -1,11 +1,12 @@
 """The engine interface: everything the serving layer knows of a backend.
 
-Both the PyTorch reference engine and the TensorRT-LLM backend implement
-`Engine`. A request goes in as prompt token ids plus sampling parameters and
-comes back as an async stream of events, one stream per request carrying all
-of its n choices. Engines own detokenization and stop strings, because
-TensorRT-LLM does both inside its runtime and the reference engine must match
-it; the serving layer only maps events to RPC chunks.
+The PyTorch reference engine and a model's gRPC workers (service/backends/workers/:
+TensorRT-LLM, vLLM, SGLang) implement `Engine`. A request goes in as prompt token
+ids plus sampling parameters and comes back as an async stream of events, one
+stream per request carrying all of its n choices. Engines own detokenization and
+stop strings, with the one byte-exact detokenizer (choices.py for engines that
+return token ids), so every engine streams the same text for the same tokens; the
+serving layer only maps events to RPC chunks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"        # max_tokens, or the context is full
     CANCELLED = "cancelled"  # aborted by the caller
     DEADLINE = "deadline"    # the request's deadline passed
+    ERROR = "error"          # a worker failed the choice (gone, or gave up on it): the call ends UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,11 @@ class QueueFull(RuntimeError):
     """Admission refused: the waiting queue is at its bound. Raised before any event."""
 
 
+class Unavailable(RuntimeError):
+    """No worker can take the request now (none in rotation, or each one tried failed before starting it).
+    Raised before any event; the client should retry."""
+
+
 class InvalidRequest(ValueError):
     """The engine cannot take this request as asked (e.g. a grammar it cannot compile)."""
 
@@ -186,6 +193,19 @@ class EngineStats:
 class EngineHealth:
     ok: bool
     detail: str = ""
+    recoverable: bool = False   # not ok for now, and back by itself (a model whose workers are all down)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One of a model's gRPC workers, for ListModels and the metrics."""
+
+    address: str               # KIND://HOST:PORT
+    kind: str
+    healthy: bool              # in rotation
+    detail: str                # why not, or the worker's own health message
+    in_flight: int             # llmserve's requests on it now
+    stats: EngineStats | None  # as the worker reports them (GetLoads); None for a kind without
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +254,14 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def health(self) -> EngineHealth: ...
+
+    def workers(self) -> list[WorkerStatus]:
+        """The gRPC workers generating for this engine; none for an engine that generates in this process."""
+        return []
+
+    def refused_fields(self) -> dict[str, str]:
+        """Contract fields this engine cannot honour, with why: validation refuses a request that sets one."""
+        return {}
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -1,7 +1,7 @@
 """A request's choices for engines that stream token ids: new ids in, the interface's events out.
 
-TensorRT-LLM and the gRPC workers return token ids only (llmserve asks them
-not to detokenize), so text is made here, with the same byte-exact incremental
+The gRPC workers (TensorRT-LLM, vLLM, SGLang) return token ids only, so text
+is made here, with the same byte-exact incremental
 detokenizer and stop-string hold-back as the reference engine: every engine
 streams the same text for the same tokens. An end-of-turn token ends its
 choice without text, and special tokens (an end-of-turn token under
@@ -39,10 +39,13 @@ class Choices:
         return self._seen[index]
 
     def logprob(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        """A token's logprob entry, its text and bytes (and its top alternatives') from the vocabulary."""
+        """A token's logprob entry, its text and bytes (and its top alternatives') from the vocabulary. The
+        alternatives are the top_logprobs most likely of those given, whatever their order: vLLM's and
+        TensorRT-LLM's lists hold the sampled token, which need not be one of the best."""
         def text(t: int) -> str:
             return self._table[t].decode("utf-8", errors="replace")
-        tops = tuple(TopToken(t, text(t), lp, self._table[t]) for t, lp in top[:self._request.sampling.top_logprobs])
+        best = sorted(top, key=lambda alt: -alt[1])[:self._request.sampling.top_logprobs]
+        tops = tuple(TopToken(t, text(t), lp, self._table[t]) for t, lp in best)
         return TokenLogprob(token_id, text(token_id), logprob, self._table[token_id], tops)
 
     def advance(self, index: int, tokens: list[int], finish: FinishReason | None,

@@ -1,12 +1,13 @@
 """Compiled grammars for constrained decoding: one xgrammar semantics for every engine.
 
-TensorRT-LLM guides decoding with xgrammar, so the reference engine does too,
-and both take the same `GuidedDecoding`: a JSON schema's text
-(`GuidedDecodingParams(json=...)`), a regex (`regex=...`), a choice or an EBNF
-grammar (`grammar=...`; a choice, and a JSON schema between tags as a
-Hermes-style tool call writes it, are the grammars `grammar_text` writes).
-Constraints were checked by the serving layer (service/chat/schemas.py) before
-any engine sees them; what is left here is compiling them against a tokenizer.
+The gRPC workers (TensorRT-LLM, vLLM, SGLang) guide decoding with xgrammar, so
+the reference engine does too, and all take the same `GuidedDecoding`: a JSON
+schema's text, a regex, a choice or an EBNF grammar (a choice, and a JSON schema
+between tags as a Hermes-style tool call writes it, are the grammars
+`grammar_text` writes; each worker protocol takes its own subset, see
+service/backends/workers/). Constraints were checked by the serving layer
+(service/chat/schemas.py) before any engine sees them; what is left here is
+compiling them against a tokenizer.
 
 JSON is compiled without free whitespace (xgrammar's `any_whitespace=False`):
 a model, a random one above all, could otherwise emit blanks forever and
@@ -78,6 +79,16 @@ def json_document(guided: GuidedDecoding) -> bool:
     """Whether the output is compact JSON (between tags without control characters, maybe), which never holds a
     raw control character."""
     return guided.json_object or guided.json_schema is not None
+
+
+def json_banned_tokens(token_bytes: list[bytes]) -> list[int]:
+    """The tokens no `json_document` output may hold: those with a raw control character.
+
+    JSON written without free whitespace never contains one (newlines and tabs inside strings are escaped),
+    yet xgrammar's length-bounded strings (`maxLength`) admit them, and `json.loads` refuses them. Every engine
+    bans these tokens whenever `json_document` holds: the reference engine masks them, gRPC workers are sent
+    them as tokens to avoid (service/backends/workers/)."""
+    return [i for i, b in enumerate(token_bytes) if any(c < 0x20 for c in b)]
 
 
 @dataclass(frozen=True)

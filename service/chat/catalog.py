@@ -19,6 +19,8 @@ def list_models(registry: ModelRegistry) -> chat_pb2.ListModelsResponse:
                                           precision=profile.precision,
                                           tensor_parallel_size=profile.tensor_parallel_size),
             tool_format=model.template.tool_format,
+            workers=[chat_pb2.ModelWorker(address=w.address, kind=w.kind, serving=w.healthy, detail=w.detail,
+                                          requests_in_flight=w.in_flight) for w in model.engine.workers()],
             structured_output=chat_pb2.StructuredOutputSupport(
                 forms=structured.forms, closes_within_max_tokens=structured.closes_within_max_tokens),
         )

@@ -2,8 +2,8 @@
 
 Each choice's text goes through its own tool-call parser, in the answer and in
 the stream alike, so both agree on what is content and what is a call. A
-choice cut off by a cancel or a deadline makes the whole call fail with that
-status rather than return a partial answer that looks complete.
+choice cut off by a cancel, a deadline or a failed worker makes the whole call fail with that
+status (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE) rather than return a partial answer that looks complete.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from service.backends.base import (
     QueueFull,
     TokenDelta,
     TokenLogprob,
+    Unavailable,
 )
 from service.chat.tool_parsers import CallParser
 from service.chat.tools import add_to_delta, add_to_message, call_parser
@@ -46,10 +47,12 @@ def engine_error(e: Exception, budget_field: str = "max_tokens") -> ServiceError
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {e}")
     if isinstance(e, InvalidRequest):
         return ServiceError.invalid_field(budget_field if e.field == "max_tokens" else e.field, e.message)
+    if isinstance(e, Unavailable):
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"model unavailable, retry later: {e}")
     return ServiceError(grpc.StatusCode.INTERNAL, f"engine failure: {e}")
 
 
-ENGINE_ERRORS = (QueueFull, InvalidRequest, EngineError)
+ENGINE_ERRORS = (QueueFull, InvalidRequest, EngineError, Unavailable)
 
 
 def _finish_error(reason: FinishReason) -> ServiceError | None:
@@ -57,6 +60,9 @@ def _finish_error(reason: FinishReason) -> ServiceError | None:
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded during generation")
     if reason is FinishReason.CANCELLED:
         return ServiceError(grpc.StatusCode.CANCELLED, "request cancelled")
+    if reason is FinishReason.ERROR:
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, "the worker generating this answer failed before it "
+                                                         "finished (finish reason: error); retry")
     return None
 
 

@@ -204,6 +204,17 @@ def _guided(req: chat_pb2.ChatCompletionRequest, tools: dict[str, dict[str, Any]
     return response_format
 
 
+def _refused_violations(req: chat_pb2.ChatCompletionRequest, model: ServedModel) -> list[FieldViolation]:
+    """Fields the request sets that the model's engine cannot honour (a seed on SGLang workers): refused by name,
+    never dropped."""
+    out = []
+    for name, why in model.engine.refused_fields().items():
+        field = req.DESCRIPTOR.fields_by_name[name]
+        if len(getattr(req, name)) if field.is_repeated else req.HasField(name):
+            out.append(FieldViolation(name, why))
+    return out
+
+
 def render_prompt(model: ServedModel, messages: Any, tools: list[dict[str, Any]] | None = None,
                   add_generation_prompt: bool = True) -> list[int]:
     """The conversation's token ids, by the model's chat template; raises ChatTemplateError."""
@@ -301,6 +312,7 @@ def validate_chat(req: chat_pb2.ChatCompletionRequest, registry: ModelRegistry,
     tools = callable_tools(req, parameters)
     response_format = _response_format(req, limits, violations)
     model = _served(registry, req.model, violations)
+    violations += _refused_violations(req, model)
     logit_bias = _logit_bias(req, model, violations)
     guided = _guided(req, tools, model, response_format, limits, violations)
     prompt: list[int] = []

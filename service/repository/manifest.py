@@ -12,8 +12,14 @@ folder is self-describing and the server needs no per-model flags.
       "chat_template": null,           # optional .jinja file overriding the tokenizer's template
       "pricing": {"prompt_per_million": 0.7, "completion_per_million": 0.9},   # optional
       "created": 1764000000,
-      "profiles": "profiles"           # tensorrt-llm: folder of per-GPU-architecture engine profiles
+      "profiles": "profiles",          # tensorrt-llm: folder of per-GPU-architecture engine profiles
+      "workers": ["trtllm://llama-70b-0.workers:50051"]   # optional: gRPC workers serve it (any backend)
     }
+
+A model with workers (here, or `--worker NAME=KIND://HOST:PORT`) is served by
+them; its folder then only gives the tokenizer, the chat template, pricing and
+an upper bound on the context. Backend "workers" is such a folder and nothing
+more: a checkpoint folder holding only the tokenizer files.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.backends.workers.address import WorkerAddress, WorkerAddressError, parse_address
 from service.repository.json_file import read_object, typed
 
-BACKENDS = ("reference", "tensorrt-llm")
+BACKENDS = ("reference", "tensorrt-llm", "workers")
 MANIFEST = "manifest.json"
 
 
@@ -54,6 +61,7 @@ class ModelManifest:
     pricing: Pricing | None = None
     created: int = 0
     profiles: Path | None = None
+    workers: tuple[WorkerAddress, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -73,6 +81,8 @@ class ModelManifest:
                               "completion_per_million": self.pricing.completion_per_million}
         if self.profiles:
             out["profiles"] = str(self.profiles.relative_to(self.root))
+        if self.workers:
+            out["workers"] = [str(w) for w in self.workers]
         return out
 
 
@@ -93,8 +103,15 @@ def load_manifest(model_dir: Path) -> ModelManifest:
     if "pricing" in data:
         p = _require(data, "pricing", dict, path)
         pricing = Pricing(float(p["prompt_per_million"]), float(p["completion_per_million"]))
+    workers = _require(data, "workers", list, path) if "workers" in data else []
+    try:
+        addresses = tuple(parse_address(w) for w in workers if isinstance(w, str))
+    except WorkerAddressError as e:
+        raise ManifestError(f"{path}: workers: {e}") from None
+    if len(addresses) < len(workers):
+        raise ManifestError(f"{path}: 'workers' must be a list of \"KIND://HOST:PORT\" strings")
     known = {"name", "backend", "owned_by", "context_length", "checkpoint", "chat_template", "pricing", "created",
-             "profiles"}
+             "profiles", "workers"}
     return ModelManifest(
         root=model_dir,
         name=str(data.get("name") or model_dir.name),
@@ -106,6 +123,7 @@ def load_manifest(model_dir: Path) -> ModelManifest:
         pricing=pricing,
         created=int(data.get("created", 0)),
         profiles=model_dir / data["profiles"] if data.get("profiles") else None,
+        workers=addresses,
         extra={k: v for k, v in data.items() if k not in known},
     )
 

@@ -64,4 +64,10 @@ class InProcessBackend:
         return list_models(self._registry)
 
     async def readiness(self) -> tuple[bool, str]:
-        return self.admission.phase is Phase.SERVING, self.admission.phase.value
+        """As the gRPC health of llmserve.v1.ChatService: serving, with at least one model that can generate."""
+        if self.admission.phase is not Phase.SERVING:
+            return False, self.admission.phase.value
+        models = self._registry.serving()
+        if any(models.values()):
+            return True, self.admission.phase.value
+        return False, "no model can generate now: " + ", ".join(models)

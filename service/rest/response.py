@@ -130,13 +130,17 @@ def chunk_event(chunk: chat_pb2.ChatCompletionChunk, usage_null: bool) -> bytes:
 
 def model_json(m: chat_pb2.Model) -> dict[str, Any]:
     """OpenAI's four fields, then what llmserve adds (context length, backend, GPU profile, tool format, structured
-    output)."""
-    return {"id": m.id, "object": m.object or "model", "created": m.created, "owned_by": m.owned_by,
-            "context_length": m.context_length, "backend": m.backend,
-            "profile": json_format.MessageToDict(m.profile, preserving_proto_field_name=True),
-            "tool_format": m.tool_format,
-            "structured_output": {"forms": list(m.structured_output.forms),
-                                  "closes_within_max_tokens": m.structured_output.closes_within_max_tokens}}
+    output, gRPC workers)."""
+    out = {"id": m.id, "object": m.object or "model", "created": m.created, "owned_by": m.owned_by,
+           "context_length": m.context_length, "backend": m.backend,
+           "profile": json_format.MessageToDict(m.profile, preserving_proto_field_name=True),
+           "tool_format": m.tool_format,
+           "structured_output": {"forms": list(m.structured_output.forms),
+                                 "closes_within_max_tokens": m.structured_output.closes_within_max_tokens}}
+    if m.workers:
+        out["workers"] = [json_format.MessageToDict(w, preserving_proto_field_name=True,
+                                                    always_print_fields_with_no_presence=True) for w in m.workers]
+    return out
 
 
 def models_json(models: chat_pb2.ListModelsResponse) -> dict[str, Any]:

@@ -146,8 +146,9 @@ def test_built_profile_is_listed_and_chosen_by_the_cli(tmp_path: Path) -> None:
     assert "none fits this machine" in refused.stdout
 
 
-def test_serve_refuses_a_model_no_profile_fits_in_one_line(tmp_path: Path) -> None:
-    """No GPU here: the server names what it found and what the profile needs, exits 1, shows no traceback."""
+def test_serve_sends_a_tensorrt_llm_model_to_its_worker_in_one_line(tmp_path: Path) -> None:
+    """TensorRT-LLM profiles are served by a worker (llmserve trtllm-worker): without one the server says so,
+    exits 1, shows no traceback."""
     built = _run("build_engine.py", "--model", str(ROOT / "engines" / "demo" / "checkpoint"), "--name", "tiny",
                  "--backend", "pytorch", "--gpu", "L4", "--engines-dir", str(tmp_path))
     assert built.returncode == 0, built.stderr
@@ -155,4 +156,5 @@ def test_serve_refuses_a_model_no_profile_fits_in_one_line(tmp_path: Path) -> No
                   "--host", "127.0.0.1")
     assert served.returncode == 1
     assert "Traceback" not in served.stderr
-    assert "cannot serve" in served.stderr and "pytorch-sm80-bf16-tp1" in served.stderr, served.stderr
+    assert "cannot serve" in served.stderr and "llmserve trtllm-worker tiny" in served.stderr, served.stderr
+    assert "--worker tiny=trtllm://HOST:PORT" in served.stderr

@@ -16,11 +16,9 @@ forced token by token, each checked against the matcher's mask first, and the
 choice ends with `length` when it is written. So the model writes everything
 it can, and the answer parses.
 
-JSON written without free whitespace never contains a raw control character
-(newlines and tabs inside strings are escaped), yet xgrammar 0.2's
-length-bounded strings (`maxLength`) admit them, and `json.loads` refuses
-them. So tokens holding such bytes are masked too whenever the output is a
-JSON document (between a tool call's tags, maybe: they hold none either).
+Whenever the output is a JSON document (between a tool call's tags, maybe),
+the tokens that would put a raw control character into it are masked too:
+the one rule every engine follows (service.backends.grammar.json_banned_tokens).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import xgrammar as xgr
 
 from service.backends.base import GuidedDecoding, InvalidRequest
 from service.backends.closing import tracker
-from service.backends.grammar import Grammar, GrammarCache, json_document
+from service.backends.grammar import Grammar, GrammarCache, json_banned_tokens, json_document
 
 log = logging.getLogger("llmserve.engine.reference")
 
@@ -141,9 +139,8 @@ class Guides:
         self.vocab_size = vocab_size
         self.stop_ids = frozenset(stop_token_ids)
         self.token_bytes = token_bytes
-        control = [any(b < 0x20 for b in token_bytes[i]) if i < len(token_bytes) else False
-                   for i in range(vocab_size)]
-        self._control = torch.tensor(control, dtype=torch.bool, device=device)
+        self._control = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self._control[json_banned_tokens(token_bytes[:vocab_size])] = True
 
     def fits(self, guided: GuidedDecoding, grammar: Grammar, max_tokens: int) -> None:
         """Refuses a budget too small for the shortest valid output."""
