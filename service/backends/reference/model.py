@@ -128,17 +128,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per sequence ([D, H, hd]) over its context ([D, KVH, L, hd]) -> [D, H, 1, hd]: two batched
-    matmuls with the softmax in float32. On a CPU, scaled_dot_product_attention's kernel for one query row
-    is ~10x slower in bfloat16 than these matmuls (2.0 against 0.2 ms for 16 sequences of 128 tokens), and
-    no faster in float32. Each KV head's query heads are one matrix, so K and V are read once per KV head."""
+    """One query per sequence ([D, H, hd]) over its context ([D, KVH, L, hd]) -> [D, H, 1, hd] in q's dtype: two
+    batched matmuls and a softmax, in float32 (the dense decode rows are float32 whatever the model's dtype).
+
+    On a CPU, scaled_dot_product_attention's kernel for one query row is ~10x slower in bfloat16 than these
+    matmuls (2.0 against 0.2 ms for 16 sequences of 128 tokens), and no faster in float32; bfloat16 matmuls go
+    to oneDNN, which builds and keeps a kernel for every (D, L) it meets, a context length that grows every
+    step: ~900 MB held after a few thousand shapes, where float32's stay flat. Each KV head's query heads are
+    one matrix, so K and V are read once per KV head."""
     d, heads, head_dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
-    grouped = q.view(d, kv_heads, heads // kv_heads, head_dim)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float().mul_(head_dim ** -0.5)
+    grouped = q.float().view(d, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, k.float().transpose(-1, -2)).mul_(head_dim ** -0.5)
     scores.masked_fill_(~mask.view(d, 1, 1, span), float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(weights, v).view(d, heads, 1, head_dim)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
+    return out.view(d, heads, 1, head_dim).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -161,8 +165,8 @@ class Attention(nn.Module):
         elif batch.decode_kv is not None:
             dk, dv = batch.decode_kv[layer]
             d, rows, positions = len(batch.decode_rows), batch.decode_rows, batch.decode_positions
-            dk[rows, :, positions] = k[:d]  # decode tokens come first, in row order: slices, not gathers
-            dv[rows, :, positions] = v[:d]
+            dk[rows, :, positions] = k[:d].to(dk.dtype)  # decode tokens come first, in row order: slices,
+            dv[rows, :, positions] = v[:d].to(dv.dtype)  # not gathers
             span = batch.decode_mask.shape[-1]
             od = decode_attention(q[:d], dk[:d, :, :span], dv[:d, :, :span], batch.decode_mask)  # [D, H, 1, hd]
         else:
@@ -203,21 +207,38 @@ class MLP(nn.Module):
 class PackedLinear(nn.Module):
     """A bias-free Linear whose weight oneDNN has laid out for its CPU kernels once, at load.
 
-    torch's own CPU matmul (MKL's sgemm, and oneDNN reordering the weight at every call) spends most of a
-    real model's decode step: measured on SmolLM2-135M at 8 rows, the prepacked kernel runs a step's
-    matmuls 1.9x faster in float32 and 3.5x in bfloat16 (docs/performance.md). The layout is chosen for
-    `PACK_ROWS` rows and serves any number of them."""
+    torch's own CPU matmul (MKL's sgemm, or oneDNN reordering the weight at every call) spends most of a real
+    model's decode step: measured on SmolLM2-135M at 8 rows, the prepacked kernel runs a step's matmuls 1.9x
+    faster in float32 and 3.5x in bfloat16 (docs/performance.md). oneDNN builds, and keeps, a kernel for
+    each number of rows it meets, holding memory with it; so rows are padded to few sizes (`padded_rows`),
+    and `warm` builds every one of them before the engine serves: its memory stops growing there, and the
+    first requests do not pay for the builds."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        rows = x.shape[0]
+        padded = padded_rows(rows)
+        if padded != rows:
+            x = torch.cat((x, x.new_zeros(padded - rows, x.shape[1])))
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")[:rows]
+
+    def warm(self, most_rows: int, dtype: torch.dtype) -> None:
+        for rows in sorted({padded_rows(r) for r in range(1, most_rows + 1)}):
+            self(torch.zeros(rows, self.in_features, dtype=dtype))
 
 
 PACK_ROWS = 16
+EXACT_ROWS = 32
+
+
+def padded_rows(rows: int) -> int:
+    """Up to EXACT_ROWS (a decode step's batch) rows are their own size; more (prefill) are padded to a multiple
+    of it, at most EXACT_ROWS - 1 rows of waste on a step that computes many."""
+    return rows if rows <= EXACT_ROWS else -(-rows // EXACT_ROWS) * EXACT_ROWS
 
 
 def pack_linears(model: nn.Module) -> None:
@@ -225,6 +246,20 @@ def pack_linears(model: nn.Module) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, PackedLinear(child.weight.detach()))
+
+
+def warm_linears(model: Llama, step_rows: int, logit_rows: int) -> None:
+    """Builds the kernels of every padded row count a step can bring: up to `step_rows` for the layers, up to
+    `logit_rows` for the head. Layers of the same shape share kernels, so one of each shape is run."""
+    shapes: dict[tuple[int, int], PackedLinear] = {}
+    for module in model.layers.modules():
+        if isinstance(module, PackedLinear):
+            shapes.setdefault((module.out_features, module.in_features), module)
+    with torch.inference_mode():
+        for module in shapes.values():
+            module.warm(step_rows, model.embed.weight.dtype)
+        if isinstance(model.lm_head, PackedLinear):
+            model.lm_head.warm(logit_rows, model.embed.weight.dtype)
 
 
 class Block(nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from service.backends.reference.decode_rows import DecodeRows
-from service.backends.reference.model import AttentionBatch, load_model
+from service.backends.reference.model import AttentionBatch, load_model, warm_linears
 from service.backends.reference.scheduler import Plan
 from service.config import EngineConfig
 
@@ -44,6 +44,7 @@ class ModelRunner:
                     torch.zeros(slots, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device))
                    for _ in range(c.num_layers)]
         self.decode_rows = DecodeRows(self.kv, config.block_size, config.max_running, slots)
+        warm_linears(self.model, max(config.max_step_tokens, config.max_running), config.max_running)
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
