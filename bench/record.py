@@ -10,8 +10,9 @@ same prompts, seeds and client:
    the context the served requests carry: the prompt as the chat template
    renders it (templates add system headers), not the user text alone;
 2. llmserve over gRPC and over its REST shim, serving this model alone;
-3. vLLM's CPU build and 4. transformers serve --continuous-batching on the same
-   checkpoint, each installed in its own venv under bench/.peers/ (bench.peers).
+3. vLLM's CPU build (float32 and bfloat16: --peers vllm,vllm-bf16) and
+   4. transformers serve --continuous-batching on the same checkpoint, each in
+   a venv of its own (bench.peers).
 Once per run, before any server starts, the machine's memory bandwidth is
 measured and the weight-read floor at one stream reported beside the measured
 time per token (bench.floor). Only one server runs at a time, so none takes
@@ -124,10 +125,10 @@ def ceiling_runs(model: str, levels: list[int], input_len: int, output_len: int,
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  ceiling, batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['step_ms']:.2f} ms a step)",
-              flush=True)
+        print(f"  ceiling, batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['step_ms']:.2f} ms a step, "
+              f"{row['dtype']})", flush=True)
         runs.append({"target": "ceiling", "kind": "forward-step", "concurrency": batch, "request_rate": None,
-                     "step_ms": row["step_ms"], "output_tokens_per_s": row["tokens_per_s"]})
+                     "step_ms": row["step_ms"], "output_tokens_per_s": row["tokens_per_s"], "dtype": row["dtype"]})
     return runs
 
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"{datetime.date.today().isoformat()}{suffix}.json"
     meta = metadata(workload, input_len=args.input_len, model=model, checkpoint=str(_shown(checkpoint)),
                     threads=args.threads, ceiling_prompt_tokens=context,
-                    peers={p.name: " ".join(p.requirements) for p in peers},
+                    peers={p.name: p.version for p in peers},
                     copy_bandwidth_bytes_per_s=bandwidth, weight_bytes=weights,
                     weight_read_floor_ms=weights / bandwidth * 1000, rounds=args.rounds)
     write_json(out, meta, runs)

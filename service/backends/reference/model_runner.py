@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from service.backends.reference.decode_rows import DecodeRows
-from service.backends.reference.model import AttentionBatch, load_model, warm_linears
+from service.backends.reference.model import AttentionBatch, load_model
+from service.backends.reference.packed_linear import warm_linears
 from service.backends.reference.scheduler import Plan
 from service.config import EngineConfig
 
 
-def _dtype(name: str, checkpoint: Path, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, checkpoint: Path, device: torch.device) -> torch.dtype:
+    """What `--dtype` means on `device`; the benchmarks' forward-step ceiling resolves it the same way."""
     if name == "auto":
         if device.type == "cpu":
             # bfloat16 halves the bytes a step reads, and CPUs with native bfloat16 dot products (AVX512-BF16,
@@ -34,7 +36,7 @@ def _dtype(name: str, checkpoint: Path, device: torch.device) -> torch.dtype:
 class ModelRunner:
     def __init__(self, checkpoint: Path, config: EngineConfig) -> None:
         self.device = torch.device(config.device)
-        self.dtype = _dtype(config.dtype, checkpoint, self.device)
+        self.dtype = resolve_dtype(config.dtype, checkpoint, self.device)
         self.model = load_model(checkpoint, self.dtype, self.device)
         c = self.model.config
         self.block_size = config.block_size
