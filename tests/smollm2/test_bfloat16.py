@@ -2,8 +2,9 @@
 float32's (bench/agreement.py measures how often over more chats).
 
 A bfloat16 step rounds weights and activations to 8 bits of mantissa, so a near-tie may flip and an answer
-then goes its own way; what must hold is that the answers are the model's (the capital of France is Paris)
-and that, where the tokens agree, their logprobs are float32's to within bfloat16's rounding.
+then goes its own way; what must hold is that an answer parts from float32's only at such a near-tie, never
+at a token float32 is sure of, and that, where the tokens agree, their logprobs are float32's to within
+bfloat16's rounding.
 """
 
 from __future__ import annotations
@@ -59,9 +60,8 @@ async def test_the_default_is_bfloat16_on_a_cpu_with_native_bfloat16(
 async def test_bfloat16_answers_agree_with_float32(default_stub: chat_pb2_grpc.ChatServiceStub,
                                                    float32_answers: list[Reference]) -> None:
     answers: list[Any] = [await grpc_unary(default_stub, messages) for messages in CHATS]
-    assert "Paris" in answers[0].text
     prefixes = []
-    for answer, expected in zip(answers, float32_answers, strict=True):
+    for i, (answer, expected) in enumerate(zip(answers, float32_answers, strict=True)):
         common = 0
         while common < min(len(answer.token_bytes), len(expected.token_bytes)) and \
                 answer.token_bytes[common] == expected.token_bytes[common]:
@@ -69,6 +69,12 @@ async def test_bfloat16_answers_agree_with_float32(default_stub: chat_pb2_grpc.C
         prefixes.append(common / len(expected.token_bytes))
         # Over the agreeing tokens the probabilities are float32's, to bfloat16's rounding of the logits.
         assert all(abs(a - b) < 0.25 for a, b in zip(answer.logprobs[:common], expected.logprobs[:common], strict=True))
-    # Measured 2026-11-29 over these 6 chats: 2 answers identical, 54% of float32's tokens agreeing on average
-    # (transformers' own bfloat16 against its float32: 3 identical, 67%); the short factual answer is the same.
-    assert prefixes[0] == 1.0 and sum(prefixes) / len(prefixes) >= 0.4, prefixes
+        if common < min(len(answer.token_bytes), len(expected.token_bytes)):
+            # They part only where float32 itself was unsure (its token under 82%): a near-tie that rounding
+            # flipped, never a confident token lost.
+            assert expected.logprobs[common] < -0.2, (i, common, expected.logprobs[common])
+    # Measured 2026-11-29 over these 6 chats: 2 answers identical and 54% of float32's tokens agreeing on average
+    # on an AMD EPYC; 2 and 51% on an Intel Xeon (no AMX), where the first answer parts from float32's "The
+    # capital of France is Paris." at its first token, to which float32 itself gives 15%. transformers' own
+    # bfloat16 against its float32: 3 identical, 67%.
+    assert sum(prefixes) / len(prefixes) >= 0.4, prefixes

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from service.backends.reference.packed_linear import pack_linears
+from service.backends.reference.packed_linear import pack_linears, wide_pays
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,26 @@ class AttentionBatch:
     decode_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     decode_positions: torch.Tensor | None = None  # [D]
 
+    @property
+    def decode_count(self) -> int:
+        """Decode tokens come first in a step's rows, and first among its logit rows."""
+        return 0 if self.decode_rows is None else len(self.decode_rows)
+
     def gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[..., B] block ids -> [..., B * block_size, heads, head_dim] of the cache's contents."""
         by_block = cache.view(-1, self.block_size, *cache.shape[1:])
         out = by_block.index_select(0, blocks.reshape(-1))
         return out.view(*blocks.shape[:-1], blocks.shape[-1] * self.block_size, *cache.shape[1:])
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear that takes the step's count of decode rows, which only a CPU's PackedLinear uses."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor, decode_rows: int | None = None) -> torch.Tensor:
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -151,13 +166,14 @@ class Attention(nn.Module):
     def __init__(self, c: LlamaConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=False)
-        self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qkv = Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
+        self.o = Linear(c.num_heads * c.head_dim, c.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, batch: AttentionBatch, layer: int) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv(x).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
+        d = batch.decode_count
+        qkv = self.qkv(x, d).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = rotate(qkv[:, :self.heads + self.kv_heads], cos, sin)  # q and k heads rotated in one pass
         q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
         k_cache[batch.slots] = k
@@ -176,7 +192,7 @@ class Attention(nn.Module):
             vd = batch.gather(v_cache, batch.decode_blocks).transpose(1, 2)
             od = decode_attention(q[batch.decode_rows], kd, vd, batch.decode_mask)
         if not batch.prefills:  # pure decode: the decode rows are all the rows
-            return self.o(od.reshape(t, -1))
+            return self.o(od.reshape(t, -1), d)
         out = torch.empty_like(q)
         if od is not None:
             out[batch.decode_rows] = od.squeeze(2)
@@ -191,19 +207,19 @@ class Attention(nn.Module):
                 mask = torch.ones(rows, length, dtype=torch.bool, device=x.device).tril(start)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
             out[first:first + rows] = op.squeeze(0).transpose(0, 1)
-        return self.o(out.view(t, -1))
+        return self.o(out.view(t, -1), d)
 
 
 class MLP(nn.Module):
     def __init__(self, c: LlamaConfig) -> None:
         super().__init__()
         self.inter = c.intermediate_size
-        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up = Linear(c.hidden_size, 2 * c.intermediate_size)
+        self.down = Linear(c.intermediate_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, decode_rows: int) -> torch.Tensor:
+        gate, up = self.gate_up(x, decode_rows).split(self.inter, dim=-1)
+        return self.down(F.silu(gate) * up, decode_rows)
 
 
 class Block(nn.Module):
@@ -222,7 +238,7 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.cos = self.sin = torch.empty(0)  # rope_tables, made on the real device when the weights load
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -233,8 +249,8 @@ class Llama(nn.Module):
         sin = self.sin[positions].unsqueeze(1)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv, strict=True)):
             x = x + layer.attn(layer.attn_norm(x), cos, sin, k_cache, v_cache, batch, i)
-            x = x + layer.mlp(layer.mlp_norm(x))
-        return self.lm_head(self.norm(x[logit_rows])).float()
+            x = x + layer.mlp(layer.mlp_norm(x), batch.decode_count)
+        return self.lm_head(self.norm(x[logit_rows]), batch.decode_count).float()
 
 
 def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> Llama:
@@ -262,5 +278,5 @@ def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> Ll
     model.cos, model.sin = (table.to(dtype) for table in rope_tables(config, device))
     model = model.to(device).eval()
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        pack_linears(model)
+        pack_linears(model, wide_pays(config.hidden_size, 2 * config.intermediate_size, dtype))
     return model
