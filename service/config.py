@@ -33,7 +33,8 @@ class EngineConfig:
     """How the reference engine runs and how much memory it may take."""
 
     device: str = opt("cpu", "torch device of the reference engine: cpu or cuda[:N]")
-    dtype: str = opt("auto", "weight and KV dtype: auto (checkpoint's; float32 on cpu), float32, bfloat16, float16",
+    dtype: str = opt("auto", "weight and KV dtype: auto (the checkpoint's; on a cpu, bfloat16 where it has native "
+                     "bfloat16 dot products, else float32), float32, bfloat16, float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
     max_running: int = opt(32, "most sequences decoded together in one step")
     max_cache_tokens: int = opt(32768, "KV cache size in tokens, over all running sequences")

@@ -9,7 +9,9 @@ context length. A request with a bad temperature, a bad schema and a prompt
 too long for the model gets all three back, each with its field path
 (`messages[1].role`). The operator's size limits are checked first: a request
 past them is answered before anything renders or tokenizes it. It runs in the
-worker pool (service.worker_pool), never on the event loop.
+worker pool (service.worker_pool), never on the event loop. One file, past the usual
+length, on purpose: every rule a request must pass is here, in the order it is
+checked (as TGI's validation.rs), so nothing after it has to check again.
 
 OpenAI's older and newer spellings are served as one: role "developer" is a
 system turn, `functions`/`function_call` are tools/tool_choice, and

@@ -11,6 +11,9 @@ and methods answer in the same shape. The key is checked before the body is
 read; the body is counted as it arrives (413 at the limit, chunked or not),
 and a large one is parsed in the worker pool. When a drain's grace period runs
 out, running calls end with UNAVAILABLE: 503, or an error event and [DONE].
+One file past the usual length: the routes and the admission, body limits and
+streaming they share read together; the mapping to and from the contract lives
+in request.py and response.py.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ PROMPT = [0, 2, 1100, 3, 271, 40, 1002, 333, 400, 17, 4, 2, 78, 3, 271]
 
 @pytest.fixture(scope="module")
 async def engine(engines_dir: Path) -> AsyncIterator[ReferenceEngine]:
+    # float32: these tests compare with transformers' float32 token for token (bfloat16 is test_bfloat16.py's).
     eng = ReferenceEngine(load_manifest(engines_dir / "demo"), EngineConfig(max_running=32, max_cache_tokens=16384,
-                                                                          engine_process=False))
+                                                                          engine_process=False, dtype="float32"))
     await eng.start()
     yield eng
     await eng.shutdown()

@@ -212,5 +212,7 @@ def test_the_floor_is_the_weights_bytes_over_the_bandwidth(engines_dir: Path) ->
     checkpoint = engines_dir / "demo" / "checkpoint"
     tensors = load_file(str(checkpoint / "model.safetensors"))
     assert weight_bytes(checkpoint) == sum(t.numel() * t.element_size() for t in tensors.values())
-    line = floor_note(500_000_000, 25e9, {"llmserve-grpc": 60.0})[0]
-    assert "500 MB of weights / 25.0 GB/s" in line and "**20.0 ms a token**" in line and "(3.0x the floor)" in line
+    line = floor_note(500_000_000, 25e9, {"llmserve-grpc": (30.0, "bfloat16"), "vllm": (60.0, "float32")})[0]
+    assert "25.0 GB/s" in line and "float32, 500 MB: **20.0 ms a token**" in line
+    assert "bfloat16, 250 MB: **10.0 ms a token**" in line
+    assert "llmserve-grpc (bfloat16) 30.0 ms (3.0x its floor)" in line and "vllm (float32) 60.0 ms (3.0x its" in line

@@ -10,6 +10,10 @@ the rows in place. A row is filled from the paged cache once, when its
 sequence starts decoding; when a sequence ends, the last row moves into its
 place, so the decode batch is always rows 0..D-1 in order.
 
+The rows are float32 whatever the model's dtype: decode attention computes in
+float32 (model.decode_attention says why), and reading bfloat16 rows would
+convert the whole context at every step.
+
 The paged cache stays the source of truth (prefill, prefix caching, forks of
 n > 1), and decode tokens are written to both. The rows are extra memory,
 bounded by the paged cache's own size: when they would need more (many long
@@ -60,7 +64,7 @@ class DecodeRows:
         shape = (self.max_rows, k_cache.shape[1], capacity, k_cache.shape[2])
         grown = []
         for i in range(len(self.kv)):
-            k = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+            k = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
             v = torch.zeros_like(k)
             if self.layers:
                 k[:, :, :self.capacity] = self.layers[i][0]

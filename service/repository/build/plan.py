@@ -7,6 +7,8 @@ the CUDA context, NCCL and activations, then `kv_cache_fraction` of what is left
 for the paged KV cache. A plan must leave KV room for a useful batch
 (`max_batch_size` sequences of `BATCH_TOKENS_PER_SEQUENCE` tokens) and for at
 least one sequence of `max_seq_len`; otherwise it is refused, naming what it needs.
+One file past the usual length: the arithmetic is one chain, best checked read
+top to bottom.
 """
 
 from __future__ import annotations
