@@ -184,7 +184,7 @@ def test_valid_requests_map_to_in_range_engine_parameters(server: Any) -> None:
     checked: list[int] = []
     clamping = ServerConfig(max_messages=8, max_content_chars=100, clamp_max_tokens=True)
 
-    @settings(max_examples=400, deadline=None, derandomize=True)
+    @settings(max_examples=800, deadline=None, derandomize=True)
     @given(temperature=_around(0, 2), top_p=_around(0, 1), min_p=_around(0, 1), top_k=_ints_around(0, 999),
            max_tokens=_ints_around(0, 1_000_000), n=_ints_around(1, 4), presence_penalty=_around(-2, 2),
            frequency_penalty=_around(-2, 2), repetition_penalty=_around(0.01, 5),

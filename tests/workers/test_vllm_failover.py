@@ -60,6 +60,9 @@ async def test_workers_share_load_fail_over_and_come_back(engines_dir: Path, vll
     try:
         async with gateway_for(engines_dir, [a, b]) as (server, stub, health):
             engine = server.registry.get("demo").engine  # type: ignore[attr-defined]
+            # Serving starts once one worker answers; on a loaded machine the other's first probe may time out
+            # and bring it in a moment later. Sharing is about workers in rotation: wait for both.
+            assert await wait_until(lambda: all(w.healthy for w in engine.workers()), timeout=60), engine.workers()
             calls = [stub.StreamChatCompletion(chat(f"Stream {i}", max_tokens=400, ignore_eos=True, seed=i))
                      for i in range(8)]
             await asyncio.wait_for(asyncio.gather(*(started(c) for c in calls)), timeout=120)
