@@ -14,10 +14,8 @@ offline: the checkpoints are local folders.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import vllm_worker
+from bench.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_DIR = ROOT / "bench" / ".peers"
@@ -144,17 +143,7 @@ class PeerServer:
         raise TimeoutError(f"{self.peer.name} not ready after {timeout:.0f} s; see {self.peer.log}")
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM to the process group led by our PID, SIGKILL after the grace period."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        # Workers of the group may outlive their leader by a moment; the group id is still ours.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc, grace)
         self._log.close()
 
 

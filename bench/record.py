@@ -30,8 +30,6 @@ import asyncio
 import datetime
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 from bench.floor import copy_bandwidth, floor_note, weight_bytes
 from bench.peers import PEERS, PEERS_DIR, PeerServer, install
+from bench.processes import free_port, stop_group
 from bench.report import update_doc
 from service.healthcheck import wait_serving
 from service.loadgen.clients import Target
@@ -50,12 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlmserveServer:
@@ -88,13 +81,7 @@ class LlmserveServer:
         return next(m.profile.precision for m in listed.data if m.id == model)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, 30)
         self._log.close()
 
 

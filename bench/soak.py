@@ -33,6 +33,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.processes import free_port
 from service.gen.llmserve.v1 import chat_pb2, chat_pb2_grpc
 from service.healthcheck import wait_serving
 
@@ -40,14 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 KINDS = {"unary": 30, "stream": 30, "cancel": 20, "invalid": 10, "deadline": 10}  # weights
 MAX_REQUESTS = 1_000_000  # a count bound beside the time bound
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SoakServer:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+from bench.processes import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "build" / "vllm-worker"
@@ -51,12 +52,6 @@ def installed() -> bool:
 def install() -> None:
     """`make vllm-worker`: the one recipe, so tests, benchmarks and CI install the same locked venv."""
     subprocess.run(["make", "--no-print-directory", "vllm-worker"], cwd=ROOT, check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VllmWorker:
@@ -136,14 +131,5 @@ class VllmWorker:
             self.proc.wait(30)
 
     def stop(self, grace: float = 15.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):   # its engine core may outlive the leader by a moment
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            stop_group(self.proc, grace)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from bench.processes import free_port
 from service.config import Config, EngineConfig, ServerConfig, WorkersConfig
 from service.gen.llmserve.v1 import chat_pb2
 from service.healthcheck import wait_serving
@@ -29,12 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hello there"}]
 SMOLLM2 = "smollm2-135m-instruct"  # the real model `make smollm2` builds into engines/
 LLAMA31 = "demo-llama-3.1"  # the demo with Meta's own Llama 3 tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_config(engines_dir: Path, **server: object) -> Config:
